@@ -1,0 +1,9 @@
+"""The one exception type for errors a user can cause (a bad file, option or checkpoint).
+
+The CLI prints its message on one line and exits with status 1, without a traceback. Library code
+raises it (or a subclass) with a message that names the offending input.
+"""
+
+
+class MuseformerError(Exception):
+    """A user-facing error: bad input file, bad option, bad checkpoint. The message names the input."""
