@@ -1,0 +1,150 @@
+"""Turning a song into something to look at and listen to: a piano-roll PNG and a WAV file.
+
+This module owns presentation only; it knows symusic Scores, not tokens or models.
+
+- ``piano_roll(score, path)``: one coloured lane of notes per track over time in bars, written as PNG
+  (matplotlib, an optional dependency: ``pip install matplotlib``).
+- ``render_audio(score, path)``: synthesises a WAV with the FluidSynth program and a General MIDI
+  soundfont found on disk (Debian: ``apt-get install fluidsynth fluid-soundfont-gm`` or
+  ``timgm6mb-soundfont``), or the one given by ``soundfont=`` / ``$MUSEFORMER_SOUNDFONT``. When either
+  is missing it raises ``MuseformerError`` saying what to install.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import symusic
+
+from museformer.errors import MuseformerError
+
+SOUNDFONT_CANDIDATES = (
+    "/usr/share/sounds/sf2/FluidR3_GM.sf2",
+    "/usr/share/sounds/sf2/default-GM.sf2",
+    "/usr/share/sounds/sf2/TimGM6mb.sf2",
+    "/usr/share/sounds/sf3/default-GM.sf3",
+    "/usr/share/soundfonts/default.sf2",
+    "/usr/share/soundfonts/FluidR3_GM.sf2",
+)
+FLUIDSYNTH_HELP = (
+    "rendering audio needs the FluidSynth program: install it (Debian/Ubuntu: `apt-get install "
+    "fluidsynth fluid-soundfont-gm`, macOS: `brew install fluid-synth`)"
+)
+SOUNDFONT_HELP = (
+    "no General MIDI soundfont found: install one (Debian/Ubuntu: `apt-get install fluid-soundfont-gm` "
+    "or `timgm6mb-soundfont`) or pass --soundfont FILE.sf2 (or set MUSEFORMER_SOUNDFONT)"
+)
+
+
+def find_soundfont(soundfont: str | os.PathLike | None = None) -> Path | None:
+    """The soundfont to use: the argument, else ``$MUSEFORMER_SOUNDFONT``, else a system GM font."""
+    if soundfont is not None:
+        if not Path(soundfont).is_file():
+            raise MuseformerError(f"soundfont {soundfont} does not exist")
+        return Path(soundfont)
+    for candidate in (os.environ.get("MUSEFORMER_SOUNDFONT"), *SOUNDFONT_CANDIDATES):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def _atomic_target(path: Path):
+    """A temp file next to ``path`` (same filesystem) that ``os.replace`` can move into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary user files
+    return Path(tmp)
+
+
+def render_audio(
+    score: symusic.Score, path: str | os.PathLike, soundfont: str | os.PathLike | None = None,
+    sample_rate: int = 44100,
+) -> Path:
+    """Synthesise ``score`` to a 16-bit stereo WAV at ``path`` (written atomically)."""
+    fluidsynth = shutil.which("fluidsynth")
+    if fluidsynth is None:
+        raise MuseformerError(FLUIDSYNTH_HELP)
+    font = find_soundfont(soundfont)
+    if font is None:
+        raise MuseformerError(SOUNDFONT_HELP)
+    path = Path(path)
+    tmp = _atomic_target(path)
+    midi = tmp.with_suffix(".mid")
+    try:
+        score.dump_midi(str(midi))
+        # -n: no MIDI input, -i: no shell, -F: render to file (the file type follows the suffix)
+        done = subprocess.run(
+            [fluidsynth, "-ni", "-q", "-r", str(sample_rate), "-F", str(tmp), str(font), str(midi)],
+            capture_output=True, text=True, timeout=600,
+        )
+        if done.returncode != 0 or tmp.stat().st_size == 0:
+            raise MuseformerError(f"fluidsynth failed to render {path}: {done.stderr.strip()[-300:]}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        midi.unlink(missing_ok=True)
+    return path
+
+
+def _track_label(track: symusic.core.TrackTick) -> str:
+    return "drums" if track.is_drum else f"program {track.program}"
+
+
+def piano_roll(score: symusic.Score, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Draw ``score`` as a piano roll (time in bars, one colour per track) and save it as PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.collections import PolyCollection
+    except ImportError:
+        raise MuseformerError("drawing a piano roll needs matplotlib: pip install matplotlib") from None
+    score = score.to("tick")
+    tpq = score.ticks_per_quarter
+    # bar length from the first time signature (4/4 when none): enough for a readable x axis
+    ts = score.time_signatures[0] if len(score.time_signatures) else None
+    bar_ticks = tpq * 4 * (ts.numerator / ts.denominator if ts else 1.0)
+    fig, ax = plt.subplots(figsize=(14, 5), dpi=100)
+    colours = plt.get_cmap("tab10")
+    handles, low, high = [], 127, 0
+    for index, track in enumerate(t for t in score.tracks if len(t.notes)):
+        notes = track.notes.numpy()
+        x0 = notes["time"] / bar_ticks
+        x1 = (notes["time"] + np.maximum(notes["duration"], 1)) / bar_ticks
+        y = notes["pitch"].astype(float)
+        low, high = min(low, int(y.min())), max(high, int(y.max()))
+        boxes = np.stack(
+            [np.stack([x0, y - 0.4], 1), np.stack([x1, y - 0.4], 1),
+             np.stack([x1, y + 0.4], 1), np.stack([x0, y + 0.4], 1)], axis=1
+        )
+        colour = colours(index % 10)
+        ax.add_collection(PolyCollection(boxes, facecolors=colour, edgecolors="none", alpha=0.85))
+        handles.append(plt.Line2D([], [], color=colour, lw=6, label=_track_label(track)))
+    end = max(score.end() / bar_ticks, 1.0)
+    ax.set_xlim(0, end)
+    ax.set_ylim(max(low - 3, 0), min(high + 3, 128)) if high >= low else ax.set_ylim(0, 128)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("bar")
+    ax.set_ylabel("pitch")
+    for bar in range(int(end) + 1):
+        ax.axvline(bar, color="0.85", lw=0.5, zorder=0)
+    if handles:
+        ax.legend(handles=handles, loc="upper right", fontsize=8)
+    ax.set_title(title or f"{score.note_num()} notes, {len(score.tracks)} tracks")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
