@@ -8,6 +8,7 @@ Each subcommand is one ``add_<name>(subparsers)`` function that declares its arg
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from museformer import __version__
@@ -19,20 +20,143 @@ from museformer.errors import MuseformerError
 # ---------------------------------------------------------------------------------------------
 def add_encode(sub) -> None:
     p = sub.add_parser("encode", help="MIDI file -> REMIGEN token line")
-    p.set_defaults(handler=_not_yet("encode"))
+    p.add_argument("input", help="MIDI file")
+    p.add_argument("-o", "--output", help="token text file to write (default: print the line)")
+    p.add_argument("--preset", choices=["lmd6"], help="lmd6: the paper's LMD setting (overrides the options)")
+    p.add_argument("--encoding", choices=["remigen2", "remigen"], default="remigen2", help="token format")
+    p.add_argument("--normalize-pitch", action="store_true", help="transpose to C major / A minor")
+    p.add_argument("--remove-empty-bars", action="store_true", help="drop empty bars before the first note")
+    p.add_argument("--ignore-ts", action="store_true", help="emit no time-signature tokens")
+    p.add_argument("--sort-insts", choices=["id", "6tracks"], default="id", help="instrument order")
+    p.set_defaults(handler=_encode)
+
+
+def _encode(args) -> int:
+    from museformer.tokenizer import Tokenizer, write_token_lines
+
+    if args.preset:
+        tok = Tokenizer.preset(args.preset)
+    else:
+        tok = Tokenizer(
+            encoding=args.encoding,
+            normalize_pitch=args.normalize_pitch,
+            remove_empty_bars=args.remove_empty_bars,
+            ignore_ts=args.ignore_ts,
+            sort_insts=args.sort_insts,
+        )
+    tokens = tok.encode_file(args.input)
+    if args.output:
+        write_token_lines(args.output, [tokens])
+    else:
+        print(" ".join(tokens))
+    return 0
 
 
 def add_decode(sub) -> None:
     p = sub.add_parser("decode", help="token text file -> MIDI file")
-    p.set_defaults(handler=_not_yet("decode"))
+    p.add_argument("input", help="token text file (first line = one song)")
+    p.add_argument("-o", "--output", required=True, help="MIDI file to write")
+    p.set_defaults(handler=_decode)
+
+
+def _decode(args) -> int:
+    from museformer.tokenizer import Tokenizer, read_token_lines, write_midi
+
+    songs = read_token_lines(args.input)
+    if not songs:
+        raise MuseformerError(f"{args.input} holds no tokens")
+    score, report = Tokenizer().decode_with_report(songs[0])
+    write_midi(score, args.output)
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.reasons.items()))
+    print(f"wrote {args.output}; skipped {report.skipped} invalid token(s)" + (f" ({reasons})" if reasons else ""))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
 # prepare (corpus preparation)
 # ---------------------------------------------------------------------------------------------
+def add_encoding_options(p: argparse.ArgumentParser) -> None:
+    """The tokenizer options shared by ``encode`` and ``prepare`` (unset flags keep the defaults)."""
+    g = p.add_argument_group("encoding options")
+    g.add_argument("--preset", default=None, help="start from a named tokenizer preset, e.g. lmd6")
+    g.add_argument("--encoding", default=None, choices=["remigen2", "remigen"], help="token layout")
+    g.add_argument("--vocab", default=None, choices=["general", "lmd6remi"], help="vocabulary")
+    g.add_argument("--normalize-pitch", action="store_true", default=None,
+                   help="transpose to C major / A minor")
+    g.add_argument("--remove-empty-bars", action="store_true", default=None,
+                   help="drop empty bars before the first and after the last note")
+    g.add_argument("--ignore-ts", action="store_true", default=None, help="do not emit time signatures")
+    g.add_argument("--sort-insts", default=None, choices=["id", "6tracks"], help="instrument order in an onset")
+
+
+def tokenizer_from_args(args: argparse.Namespace):
+    """A ``Tokenizer`` from ``add_encoding_options`` flags: the preset, then the flags given."""
+    from museformer.tokenizer import Tokenizer
+
+    options = {}
+    if args.preset is not None:
+        try:
+            options = Tokenizer.preset(args.preset).config.to_dict()
+        except (KeyError, ValueError) as e:
+            raise MuseformerError(f"unknown preset {args.preset!r} ({e})") from None
+    for name in ("encoding", "vocab", "normalize_pitch", "remove_empty_bars", "ignore_ts", "sort_insts"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    try:
+        return Tokenizer(**options)
+    except (TypeError, ValueError) as e:
+        raise MuseformerError(f"bad encoding options: {e}") from None
+
+
 def add_prepare(sub) -> None:
-    p = sub.add_parser("prepare", help="encode a folder of MIDI (or a bundled corpus) into shards")
-    p.set_defaults(handler=_not_yet("prepare"))
+    p = sub.add_parser(
+        "prepare",
+        help="encode a folder of MIDI (or a bundled corpus) into shards",
+        description="Encode every *.mid/*.midi under INPUT_DIR (recursively) into train/valid/test "
+        "token shards in OUT_DIR; or, with --corpus, first export a corpus bundled with music21 to "
+        "OUT_DIR/midi. Re-running resumes.",
+    )
+    p.add_argument("paths", nargs="+", metavar="[INPUT_DIR] OUT_DIR",
+                   help="input folder and output folder (only OUT_DIR with --corpus)")
+    p.add_argument("--corpus", default=None, choices=["bach", "music21-all"],
+                   help="export this music21 corpus to MIDI and prepare it (needs music21)")
+    p.add_argument("--limit", type=int, default=None, help="with --corpus: only the first N scores")
+    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="worker processes (default: CPU cores, at most 8)")
+    p.add_argument("--split-lists", default=None, metavar="DIR",
+                   help="folder with train.txt/valid.txt/test.txt file-name lists (as the official meta/)")
+    p.add_argument("--valid-fraction", type=float, default=0.1, help="hash-split share of valid (default 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="hash-split share of test (default 0.1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_encoding_options(p)
+    p.set_defaults(handler=_prepare)
+
+
+def _prepare(args) -> int:
+    from pathlib import Path
+
+    from museformer.data import prepare
+
+    if args.corpus is not None:
+        if len(args.paths) != 1:
+            raise MuseformerError("with --corpus give only OUT_DIR")
+        out_dir = Path(args.paths[0])
+        from museformer.corpora import export_corpus
+
+        exported = export_corpus(args.corpus, out_dir / "midi", workers=args.workers, limit=args.limit,
+                                 progress=not args.quiet)
+        for rel, why in exported.failed:
+            print(f"skipped {rel}: {why}", file=sys.stderr)
+        input_dir = exported.midi_dir
+    else:
+        if len(args.paths) != 2:
+            raise MuseformerError("give INPUT_DIR and OUT_DIR (or --corpus NAME OUT_DIR)")
+        input_dir, out_dir = (Path(x) for x in args.paths)
+    report = prepare(input_dir, out_dir, tokenizer_from_args(args), workers=args.workers,
+                     split_lists=args.split_lists, valid_fraction=args.valid_fraction,
+                     test_fraction=args.test_fraction, progress=not args.quiet)
+    print(report.summary())
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,28 +164,183 @@ def add_prepare(sub) -> None:
 # ---------------------------------------------------------------------------------------------
 def add_pattern(sub) -> None:
     p = sub.add_parser("pattern", help="draw the fine/coarse attention pattern of a song")
-    p.set_defaults(handler=_not_yet("pattern"))
+    p.add_argument("song", nargs="?", help="a MIDI file to tokenise (or use --bars for a made-up song)")
+    p.add_argument("--bars", type=int, default=None, help="draw a made-up song of N bars of random lengths")
+    p.add_argument("--fine-offsets", type=int, nargs="*", default=None, metavar="K",
+                   help="bar distances seen token by token (default: 1 2 4 8 12 16 24 32)")
+    p.add_argument("--summary-tokens", type=int, choices=[0, 1], default=1,
+                   help="summary tokens per bar (0 = fine attention only)")
+    p.add_argument("--full", action="store_true", help="draw plain causal attention instead (the dense baseline)")
+    p.add_argument("--preset", default="lmd6", help="tokenizer preset used for SONG (default lmd6)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="draw only the first N tokens of SONG")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the made-up song")
+    p.add_argument("-o", "--output", default="pattern.png", help="PNG file to write")
+    p.set_defaults(handler=_pattern)
+
+
+def _pattern(args) -> int:
+    from museformer import structure
+    from museformer.vocab import BOS_ID, Vocab
+
+    if (args.song is None) == (args.bars is None):
+        raise MuseformerError("give either a MIDI file or --bars N")
+    try:
+        if args.full:
+            pattern = structure.AttentionPattern.full()
+        else:
+            offsets = structure.AttentionPattern().fine_offsets if args.fine_offsets is None else args.fine_offsets
+            pattern = structure.AttentionPattern(tuple(offsets), args.summary_tokens)
+    except ValueError as e:
+        raise MuseformerError(f"bad pattern options: {e}") from None
+    if args.bars is not None:
+        if not 1 <= args.bars <= 200:
+            raise MuseformerError(f"--bars must be between 1 and 200, got {args.bars}")
+        vocab = Vocab.builtin("lmd6remi")
+        ids = structure.toy_song(args.bars, vocab, seed=args.seed, incomplete_last=True)
+        title = f"{args.bars} made-up bars"
+    else:
+        from museformer.tokenizer import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.preset(args.preset)
+        except ValueError as e:
+            raise MuseformerError(str(e)) from None
+        vocab = tokenizer.vocab
+        ids = [BOS_ID] + tokenizer.encode_file(args.song, as_ids=True).tolist()[: max(args.max_tokens - 1, 1)]
+        title = os.path.basename(args.song)
+    title += " | " + ("full causal attention" if args.full else f"fine offsets {list(pattern.fine_offsets)}, "
+                      f"{pattern.summary_tokens} summary token(s) per bar")
+    path = structure.render_pattern(ids, pattern, vocab, args.output, title=title)
+    print(f"wrote {path}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
 # train / evaluate
 # ---------------------------------------------------------------------------------------------
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model on prepared data")
-    p.set_defaults(handler=_not_yet("train"))
+    p = sub.add_parser(
+        "train",
+        help="train a model on prepared data",
+        description="Train on DATA_DIR (made by 'museformer prepare'), writing checkpoints, metrics.csv and "
+        "the final model to OUT_DIR. Defaults follow the paper's recipe. Under 'torchrun --nproc_per_node N' "
+        "the same command trains with DDP. Options: --set KEY=VALUE (Python literals; model options as "
+        "model.KEY, e.g. --set model.d_model=256 max_steps=2000).",
+    )
+    p.add_argument("data_dir", metavar="DATA_DIR", help="prepared corpus folder")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="run folder: checkpoints/, model/, metrics.csv")
+    p.add_argument("--preset", default=None, choices=["paper", "small", "tiny"],
+                   help="model size (default: paper, or the run's saved config with --resume)")
+    p.add_argument("--config", default=None, metavar="FILE.json",
+                   help="training options as JSON (keys as --set; 'model' may be partial)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override options, e.g. lr=1e-3 batch_tokens=8192 model.num_layers=2")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in OUT_DIR (exactly; starts fresh if none)")
+    p.set_defaults(handler=_train)
+
+
+def _train(args) -> int:
+    from museformer.train import build_train_config, train
+
+    cfg = build_train_config(args.data_dir, args.out_dir, preset=args.preset, config_file=args.config,
+                             overrides=args.overrides, resume=args.resume)
+    final = train(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        print(f"model saved to {final}")
+    return 0
 
 
 def add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="perplexity of a checkpoint, or structure metrics of songs")
-    p.set_defaults(handler=_not_yet("evaluate"))
+    p = sub.add_parser(
+        "evaluate",
+        help="perplexity of a checkpoint, or structure metrics of songs",
+        description="Either 'museformer evaluate CHECKPOINT DATA_DIR' (token-level perplexity on a prepared "
+        "split) or 'museformer evaluate --structure GENERATED_DIR --reference DIR' (bar-similarity curve, "
+        "Similarity Error and other objective metrics of generated songs next to real ones; folders of "
+        "MIDI files, token .txt files (one song per line) or prepared corpora).",
+    )
+    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (perplexity)")
+    p.add_argument("data_dir", nargs="?", help="prepared corpus folder (perplexity)")
+    p.add_argument("--split", default="test", help="split of DATA_DIR to evaluate (perplexity; default: test)")
+    p.add_argument("--max-len", type=int, nargs="+", default=[1024, 5120, 10240], metavar="L",
+                   help="truncate songs to their first L tokens; several lengths allowed (perplexity)")
+    p.add_argument("--batch-tokens", type=int, default=16_384, help="tokens per forward batch (perplexity)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (perplexity; default: auto)")
+    p.add_argument("--structure", metavar="GENERATED_DIR", help="songs to evaluate with the structure metrics")
+    p.add_argument("--reference", metavar="DIR", help="real songs to compare GENERATED_DIR with")
+    p.add_argument("--max-interval", type=int, default=64,
+                   help="intervals 1..N (bars) of the similarity curve and of SE (default: 64)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
+    p.add_argument("--preset", default="lmd6", choices=("lmd6", "general"),
+                   help="tokenizer that encodes MIDI inputs (default: lmd6, the paper's LMD setting)")
+    p.add_argument("-o", "--output", help="also write the results as JSON to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args) -> int:
+    from museformer import analysis
+
+    if args.structure is not None:
+        if args.reference is None:
+            raise MuseformerError("--structure needs --reference DIR (the real songs to compare with)")
+        if args.checkpoint is not None:
+            raise MuseformerError("give either CHECKPOINT DATA_DIR (perplexity) or --structure, not both")
+        report = analysis.evaluate_structure(args.structure, args.reference, max_interval=args.max_interval,
+                                             workers=args.workers, preset=args.preset, progress=not args.quiet)
+        print(analysis.format_table(report))
+    else:
+        if args.checkpoint is None or args.data_dir is None:
+            raise MuseformerError("give CHECKPOINT DATA_DIR (perplexity) or --structure DIR --reference DIR")
+        from museformer import train
+
+        evaluate_perplexity = getattr(train, "evaluate_perplexity", None)
+        if evaluate_perplexity is None:
+            raise MuseformerError("perplexity evaluation is not available yet")
+        report = evaluate_perplexity(args.checkpoint, args.data_dir, split=args.split, max_lens=args.max_len,
+                                     batch_tokens=args.batch_tokens, device=args.device)
+        for r in report["results"]:
+            print(f"max_len {r['max_len']:>6}: perplexity {r['perplexity']:.4f} "
+                  f"(mean NLL {r['mean_nll']:.4f} over {r['tokens']:,} tokens, {report['songs']} songs)")
+    if args.output:
+        analysis.write_json(args.output, report)
+        print(f"wrote {args.output}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
 # analyze (bar-similarity statistics)
 # ---------------------------------------------------------------------------------------------
 def add_analyze(sub) -> None:
-    p = sub.add_parser("analyze", help="bar-similarity statistics of a corpus")
-    p.set_defaults(handler=_not_yet("analyze"))
+    p = sub.add_parser(
+        "analyze",
+        help="bar-similarity statistics of a corpus",
+        description="Bar-similarity statistics (Museformer section 3.1): the mean similarity of bar pairs "
+        "at each interval, as CSV and PNG, the most similar intervals and suggested fine_offsets. INPUT is "
+        "a folder of MIDI files, token .txt files (one song per line), or a prepared corpus folder.",
+    )
+    p.add_argument("input", help="folder of MIDI / token .txt files, a single such file, or a prepared corpus")
+    p.add_argument("-o", "--output", default="analysis", help="report folder (default: analysis)")
+    p.add_argument("--max-interval", type=int, default=64, help="largest interval in bars (default: 64)")
+    p.add_argument("--heatmaps", type=int, default=0, metavar="N",
+                   help="also draw the self-similarity matrices of the first N songs")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
+    p.add_argument("--split", default="all", help="split of a prepared corpus: all, train, valid or test")
+    p.add_argument("--preset", default="lmd6", choices=("lmd6", "general"),
+                   help="tokenizer that encodes MIDI inputs (default: lmd6, the paper's LMD setting)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_analyze)
+
+
+def _analyze(args) -> int:
+    from museformer import analysis
+
+    report = analysis.analyze(args.input, args.output, max_interval=args.max_interval, heatmaps=args.heatmaps,
+                              workers=args.workers, preset=args.preset, split=args.split,
+                              progress=not args.quiet)
+    print(report.text())
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

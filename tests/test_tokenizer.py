@@ -1,0 +1,269 @@
+"""Tokenizer: golden equality with the official encoder, round trips, robust decoding, I/O, CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import symusic
+
+from museformer.cli import main
+from museformer.errors import MuseformerError
+from museformer.tokenizer import (
+    DecodeReport,
+    Tokenizer,
+    TokenizerConfig,
+    read_token_lines,
+    six_track_program,
+    write_token_lines,
+)
+from museformer.vocab import UNK_ID
+
+DATA = Path(__file__).parent / "data"
+MIDIS = sorted(DATA.glob("*.mid"))
+
+# golden file suffix -> our options (the official options of tests/data/golden/README.md)
+GOLDEN_CONFIGS = {
+    "remigen2": {},
+    "remigen2_ts_norm": dict(normalize_pitch=True, remove_empty_bars=True),
+    "remigen2_lmd6": dict(normalize_pitch=True, remove_empty_bars=True, ignore_ts=True, sort_insts="6tracks"),
+    "remigen": dict(encoding="remigen"),
+    "remigen_norm_trim": dict(encoding="remigen", normalize_pitch=True, remove_empty_bars=True),
+    "remigen_ignore_ts_trim": dict(encoding="remigen", remove_empty_bars=True, ignore_ts=True),
+}
+GOLDENS = sorted((DATA / "golden").glob("*.txt"))
+
+
+@pytest.mark.parametrize("golden", GOLDENS, ids=lambda p: p.stem)
+def test_golden_equality_with_official_encoder(golden: Path) -> None:
+    """Our tokens equal the official MidiProcessor encoder's dump for the same file and options."""
+    stem, config_name = golden.stem.split(".")
+    want = read_token_lines(golden)[0]
+    got = Tokenizer(**GOLDEN_CONFIGS[config_name]).encode_file(DATA / f"{stem}.mid")
+    assert got == want
+
+
+def test_goldens_cover_every_fixture_and_option() -> None:
+    """Every fixture MIDI has golden dumps, and every option appears in some golden config."""
+    assert len(GOLDENS) >= 25
+    assert {p.stem.split(".")[0] for p in GOLDENS} == {p.stem for p in MIDIS}
+
+
+def test_lmd6_preset_is_the_official_setting() -> None:
+    """The lmd6 preset equals remigen2 + normalize + remove empty bars + ignore ts + 6tracks."""
+    tok = Tokenizer.preset("lmd6")
+    assert tok.config == TokenizerConfig(**GOLDEN_CONFIGS["remigen2_lmd6"], vocab="lmd6remi")
+    assert tok.vocab.name == "lmd6remi" and Tokenizer().vocab.name == "general"
+    want = read_token_lines(DATA / "golden" / "bach_bwv66_6.remigen2_lmd6.txt")[0]
+    ids = tok.encode_file(DATA / "bach_bwv66_6.mid", as_ids=True)
+    assert ids.dtype == np.int64 and (ids != UNK_ID).all()
+    assert tok.vocab.decode(ids) == want
+
+
+# ---------------------------------------------------------------------------------------------
+# round trips
+# ---------------------------------------------------------------------------------------------
+def _notes(score: symusic.Score) -> list[tuple]:
+    """(onset position, pitch, duration bin start, velocity bin, instrument) of every note."""
+    out = []
+    for track in score.tracks:
+        inst = 128 if track.is_drum else track.program
+        tpq = score.ticks_per_quarter
+        for n in track.notes:
+            on = round(n.time * 12 / tpq)
+            dur = max(round(n.end * 12 / tpq) - on, 1)
+            out.append((on, n.pitch, tok_bin(dur), n.velocity // 4, inst))
+    return sorted(out)
+
+
+def tok_bin(duration: int) -> int:
+    """The duration bin of a duration in positions."""
+    from museformer.tokenizer import DURATION_TO_BIN
+
+    return int(DURATION_TO_BIN[min(duration, len(DURATION_TO_BIN) - 1)])
+
+
+@pytest.mark.parametrize("midi", MIDIS, ids=lambda p: p.stem)
+def test_round_trip_keeps_every_note_on_real_files(midi: Path) -> None:
+    """MIDI -> tokens -> MIDI keeps onset, pitch, duration bin, velocity bin and instrument."""
+    tok = Tokenizer()
+    score = symusic.Score(str(midi))
+    decoded, report = tok.decode_with_report(tok.encode(score))
+    assert report.skipped == 0
+    assert _notes(decoded) == _notes(score)
+    again = tok.encode(decoded)
+    # re-encoding gives the same tokens, except zero-length notes (d-0) which decode to 1 position
+    assert again == [("d-1" if t == "d-0" else t) for t in tok.encode(score)]
+
+
+def _synthetic_score() -> symusic.Score:
+    """Several time signatures, tempo changes, drums, overlapping notes, notes longer than a bar."""
+    sc = symusic.Score(480)
+    for time, bpm in [(0, 96.0), (480 * 7, 150.0), (480 * 13, 72.0)]:
+        sc.tempos.append(symusic.Tempo(time, bpm))
+    for time, n, d in [(0, 4, 4), (480 * 8, 3, 4), (480 * 14, 7, 8), (480 * 14 + 480 * 7, 2, 2)]:
+        sc.time_signatures.append(symusic.TimeSignature(time, n, d))
+    rng = np.random.default_rng(7)
+    for program, drum in [(0, False), (33, False), (0, True), (73, False)]:
+        track = symusic.Track(f"p{program}", program, drum)
+        time = 480 + int(rng.integers(0, 100))
+        while time < 480 * 30:
+            dur = int(rng.choice([40, 120, 480, 2400, 5000]))  # up to ~2.6 bars
+            track.notes.append(symusic.Note(time, dur, int(rng.integers(30, 90)), int(rng.integers(1, 128))))
+            track.notes.append(symusic.Note(time, dur // 3 + 40, int(rng.integers(30, 90)), 64))  # overlap
+            time += int(rng.choice([40, 160, 240, 480]))
+        sc.tracks.append(track)
+    return sc
+
+
+@pytest.mark.parametrize("encoding", ["remigen2", "remigen"])
+def test_round_trip_on_synthetic_scores(encoding: str) -> None:
+    """Synthetic scores round-trip note for note, and their tokens are stable under re-encoding."""
+    tok = Tokenizer(encoding=encoding)
+    score = _synthetic_score()
+    tokens = tok.encode(score)
+    assert {t.split("-")[0] for t in tokens} >= {"s", "t", "o", "i", "p", "d", "v", "b"}
+    decoded, report = tok.decode_with_report(tokens)
+    assert report.skipped == 0
+    assert _notes(decoded) == _notes(score)
+    assert tok.encode(decoded) == tokens
+    sigs = [(ts.numerator, ts.denominator) for ts in decoded.time_signatures]
+    assert sigs == [(4, 4), (3, 4), (7, 8), (2, 2)]
+    # 96 BPM -> bin round(12 * log2(96 / 16)) = 31 -> 16 * 2 ** (31 / 12) = 95.9 BPM
+    assert [round(t.qpm, 1) for t in decoded.tempos][:1] == [95.9]
+
+
+def test_remove_empty_bars_and_ignore_ts() -> None:
+    """Leading empty bars are dropped; ignore_ts emits no s-* tokens; bars still end with b-1."""
+    score = symusic.Score(480)
+    track = symusic.Track("piano", 0, False)
+    for time in (480 * 8 + 120, 480 * 13):  # bars 0 and 1 are empty
+        track.notes.append(symusic.Note(time, 240, 60, 80))
+    score.tracks.append(track)
+    full = Tokenizer().encode(score)
+    trimmed = Tokenizer(remove_empty_bars=True, ignore_ts=True).encode(score)
+    assert full[:6] == ["s-9", "t-35", "b-1", "s-9", "t-35", "b-1"]  # 4/4, 120 BPM, empty bars
+    assert trimmed == ["t-35", "o-3", "i-0", "p-60", "d-6", "v-20", "b-1",
+                       "t-35", "o-12", "i-0", "p-60", "d-6", "v-20", "b-1"]  # fmt: skip
+    assert full.count("b-1") == trimmed.count("b-1") + 2
+
+
+# ---------------------------------------------------------------------------------------------
+# robust decoding
+# ---------------------------------------------------------------------------------------------
+def test_random_garbage_decodes_and_reports_skips() -> None:
+    """Random token text and random ids decode without raising; invalid tokens are counted."""
+    rng = np.random.default_rng(0)
+    tok = Tokenizer.preset("lmd6")
+    words = ["b-1", "o-3", "t-20", "s-9", "i-0", "p-60", "d-4", "v-20", "x-1", "p-", "o-999", "<unk>", "</s>", "v"]
+    for _ in range(50):
+        tokens = list(rng.choice(words, size=int(rng.integers(0, 200))))
+        score, report = tok.decode_with_report(tokens)
+        assert isinstance(score, symusic.Score) and isinstance(report, DecodeReport)
+        assert report.skipped == sum(report.reasons.values())
+        ids = rng.integers(-5, len(tok.vocab) + 20, size=300)
+        _, report = tok.decode_with_report(ids)
+        assert report.reasons.get("id outside the vocabulary", 0) == int(((ids < 0) | (ids >= len(tok.vocab))).sum())
+
+
+def test_decode_skips_exactly_the_invalid_tokens() -> None:
+    """Wrong order, unknown text and out-of-range values are skipped and counted one by one."""
+    tokens = ["t-31", "o-0", "i-0", "p-60", "d-6", "v-20", "zz", "d-3", "o-200", "p-62", "o-4", "v-40", "b-1"]
+    score, report = Tokenizer().decode_with_report(tokens)
+    assert report.skipped == 5
+    assert report.reasons == {"unknown token": 1, "'d' not after 'p'": 1, "value out of range": 2,
+                              "note without velocity": 1}  # fmt: skip
+    notes = [(n.time, n.duration, n.pitch, n.velocity) for t in score.tracks for n in t.notes]
+    assert notes == [(0, 240, 60, 82)]
+    assert score.ticks_per_quarter == 480 and [ts.numerator for ts in score.time_signatures] == [4]
+
+
+def test_decode_defaults_to_120_bpm_and_4_4() -> None:
+    """Tokens without tempo or time signature decode at 120 BPM in 4/4, like the official decoder."""
+    score = Tokenizer().decode(["o-0", "i-128", "p-164", "d-0", "v-31", "b-1"])
+    assert round(score.tempos[0].qpm) == 120
+    assert (score.time_signatures[0].numerator, score.time_signatures[0].denominator) == (4, 4)
+    drums = score.tracks[0]
+    assert drums.is_drum and drums.notes[0].pitch == 36 and drums.notes[0].duration == 40
+
+
+# ---------------------------------------------------------------------------------------------
+# 6tracks, errors, config, I/O, CLI
+# ---------------------------------------------------------------------------------------------
+def test_six_track_mapping() -> None:
+    """Programs outside the six go to the nearest family; the six (and 32) stay themselves."""
+    expected = {0: 0, 5: 0, 25: 25, 27: 25, 32: 32, 33: 43, 43: 43, 40: 48, 48: 48, 52: 48,
+                80: 80, 16: 80, 56: 80, 73: 80, 90: 80, 127: 80}  # fmt: skip
+    for program, inst in expected.items():
+        assert six_track_program(program, False) == inst
+    assert six_track_program(5, True) == 128
+    score = _synthetic_score()  # programs 0, 33, drums, 73
+    tokens = Tokenizer(sort_insts="6tracks").encode(score)
+    assert {t for t in tokens if t.startswith("i-")} == {"i-0", "i-43", "i-128", "i-80"}
+    onset_groups = " ".join(tokens).split("o-")[1:]
+    rank = {"i-80": 1, "i-128": 2, "i-43": 3, "i-0": 5}
+    for group in onset_groups:
+        insts = [t for t in group.split() if t.startswith("i-")]
+        assert [rank[i] for i in insts] == sorted(rank[i] for i in insts)
+
+
+def test_corrupt_and_empty_files_raise_clear_errors(tmp_path: Path) -> None:
+    """Unreadable, corrupt or note-less MIDI raise MuseformerError naming the file."""
+    corrupt = tmp_path / "corrupt.mid"
+    corrupt.write_bytes(b"MThd\x00\x00\x00\x06garbage")
+    empty = tmp_path / "empty.mid"
+    empty.write_bytes(b"")
+    no_notes = tmp_path / "no_notes.mid"
+    symusic.Score(480).dump_midi(str(no_notes))
+    for path in (corrupt, empty, no_notes, tmp_path / "missing.mid"):
+        with pytest.raises(MuseformerError, match=path.name):
+            Tokenizer().encode_file(path)
+
+
+def test_config_validation_and_serialisation(tmp_path: Path) -> None:
+    """Configs are validated, round-trip through dicts and tokenizer.json, and reject unknown keys."""
+    with pytest.raises(ValueError):
+        TokenizerConfig(encoding="remi")
+    with pytest.raises(ValueError):
+        TokenizerConfig(sort_insts="name")
+    with pytest.raises(ValueError):
+        TokenizerConfig.from_dict({"encoding": "remigen2", "colour": 1})
+    tok = Tokenizer(encoding="remigen", normalize_pitch=True, sort_insts="6tracks")
+    assert TokenizerConfig.from_dict(tok.config.to_dict()) == tok.config
+    tok.save(tmp_path / "tokenizer.json")
+    loaded = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert loaded.config == tok.config and Tokenizer.from_dict(tok.to_dict()).config == tok.config
+    assert {"museformer_version", "symusic_version"} <= set(tok.to_dict())
+    with pytest.raises(MuseformerError, match="nothing.json"):
+        Tokenizer.load(tmp_path / "nothing.json")
+
+
+def test_token_text_io_round_trip(tmp_path: Path) -> None:
+    """write_token_lines / read_token_lines keep songs and tokens exactly (one song per line)."""
+    songs = [Tokenizer().encode_file(MIDIS[0]), ["t-1", "b-1"]]
+    path = tmp_path / "songs.txt"
+    write_token_lines(path, songs)
+    assert read_token_lines(path) == songs
+    assert path.read_text().count("\n") == 2
+
+
+def test_cli_encode_decode(tmp_path: Path, capsys) -> None:
+    """The CLI encodes (stdout or -o), decodes with a skip count, and fails cleanly on bad files."""
+    midi = DATA / "bach_bwv66_6.mid"
+    assert main(["encode", str(midi), "--preset", "lmd6"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.split() == read_token_lines(DATA / "golden" / "bach_bwv66_6.remigen2_lmd6.txt")[0]
+    out = tmp_path / "song.txt"
+    assert main(["encode", str(midi), "-o", str(out), "--encoding", "remigen", "--normalize-pitch",
+                 "--remove-empty-bars"]) == 0  # fmt: skip
+    assert read_token_lines(out) == read_token_lines(DATA / "golden" / "bach_bwv66_6.remigen_norm_trim.txt")
+    out.write_text(out.read_text().strip() + " junk p-60\n")
+    assert main(["decode", str(out), "-o", str(tmp_path / "song.mid")]) == 0
+    assert "skipped 2" in capsys.readouterr().out
+    assert symusic.Score(str(tmp_path / "song.mid")).note_num() > 0
+    bad = tmp_path / "bad.mid"
+    bad.write_bytes(b"not midi")
+    assert main(["encode", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "bad.mid" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
