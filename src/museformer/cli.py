@@ -208,8 +208,8 @@ def _pattern(args) -> int:
         vocab = tokenizer.vocab
         ids = [BOS_ID] + tokenizer.encode_file(args.song, as_ids=True).tolist()[: max(args.max_tokens - 1, 1)]
         title = os.path.basename(args.song)
-    title += " | " + ("full causal attention" if args.full else f"fine offsets {list(pattern.fine_offsets)}, "
-                      f"{pattern.summary_tokens} summary token(s) per bar")
+    summaries = "one summary token per bar" if pattern.summary_tokens else "no summary tokens"
+    title += " | " + ("full causal attention" if args.full else f"fine offsets {list(pattern.fine_offsets)}, {summaries}")
     path = structure.render_pattern(ids, pattern, vocab, args.output, title=title)
     print(f"wrote {path}")
     return 0

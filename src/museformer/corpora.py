@@ -1,0 +1,228 @@
+"""The bundled real corpus: scores that ship inside the ``music21`` package, exported to MIDI.
+
+This module owns turning music21's corpus (MusicXML / Humdrum files, offline) into MIDI files that
+``museformer.data.prepare`` encodes like any folder. It knows nothing about tokens.
+
+Corpora (``CORPORA``):
+
+- ``bach``: the Bach chorales (``music21.corpus.getComposer("bach")``, about 410 scores). When a
+  score has parts named Soprano, Alto, Tenor and Bass, only those four are kept (instrumental
+  doublings such as horns or oboes are dropped), so every chorale is the same four voices.
+- ``music21-all``: every multi-part score of ``MULTI_PART_COMPOSERS`` (Bach plus Beethoven string
+  quartets, Haydn, Mozart, Palestrina masses, Monteverdi madrigals, Trecento pieces, ...).
+
+Instruments: each part gets a General MIDI program from the six "6tracks" families of the paper's
+LMD setting, so the MIDI encodes with either preset and the tracks stay distinct: the top part
+(soprano) is *lead* (80), the bottom part (bass) is *bass* (43, contrabass), the middle parts in
+order are *strings* (48), *piano* (0), *guitar* (25) (a sixth or later middle part shares these, in
+turn). Tempo marks and time signatures are those music21 writes from the score. A pickup (anacrusis)
+measure is padded with rest at the start so that bar lines fall where the score has them.
+
+``music21`` is an optional dependency (``pip install music21``); it is imported only here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from museformer.errors import MuseformerError
+
+LEAD, STRINGS, PIANO, GUITAR, BASS = 80, 48, 0, 25, 43
+MIDDLE_PROGRAMS = (STRINGS, PIANO, GUITAR)
+CHORALE_VOICES = ("soprano", "alto", "tenor", "bass")
+SCORE_SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn")  # .rntxt analyses and .abc tunes are skipped
+MULTI_PART_COMPOSERS = (
+    "bach", "beethoven", "haydn", "mozart", "palestrina", "monteverdi", "trecento", "handel",
+    "corelli", "cpebach", "schubert", "verdi", "weber", "ciconia", "luca",
+)
+CORPORA = {"bach": ("bach",), "music21-all": MULTI_PART_COMPOSERS}
+
+
+def _music21():
+    try:
+        import music21
+    except ImportError:
+        raise MuseformerError("the bundled corpus needs music21: pip install music21") from None
+    return music21
+
+
+def part_programs(n_parts: int) -> list[int]:
+    """GM programs for ``n_parts`` parts listed top to bottom (see the module docstring)."""
+    if n_parts < 1:
+        return []
+    if n_parts == 1:
+        return [LEAD]
+    middle = [MIDDLE_PROGRAMS[i % len(MIDDLE_PROGRAMS)] for i in range(n_parts - 2)]
+    return [LEAD, *middle, BASS]
+
+
+def corpus_sources(name: str, limit: int | None = None) -> list[tuple[str, Path]]:
+    """(relative MIDI name, score path) of every score of corpus ``name``, sorted by name."""
+    if name not in CORPORA:
+        raise MuseformerError(f"unknown corpus {name!r}; choose from {', '.join(CORPORA)}")
+    music21 = _music21()
+    root = Path(music21.common.getCorpusFilePath())
+    sources: list[tuple[str, Path]] = []
+    for composer in CORPORA[name]:
+        for path in music21.corpus.getComposer(composer):
+            path = Path(path)
+            if path.suffix.lower() not in SCORE_SUFFIXES:
+                continue
+            try:
+                rel = path.relative_to(root).with_suffix(".mid").as_posix()
+            except ValueError:
+                rel = f"{composer}/{path.stem}.mid"
+            sources.append((rel, path))
+    # a few pieces ship in two formats (bwv277.krn and bwv277.mxl): keep one, by SCORE_SUFFIXES order
+    best: dict[str, Path] = {}
+    for rel, path in sorted(sources, key=lambda s: SCORE_SUFFIXES.index(s[1].suffix.lower())):
+        best.setdefault(rel, path)
+    sources = sorted(best.items())
+    return sources[:limit] if limit is not None else sources
+
+
+def export_score(source: str | Path, dest: str | Path, *, chorale_voices: bool = True) -> None:
+    """Export one music21 corpus score to a MIDI file (written atomically).
+
+    Raises:
+        MuseformerError: the score cannot be parsed, has fewer than two parts, or no notes.
+    """
+    music21 = _music21()
+    from music21 import instrument, midi, stream
+    from symusic import Score
+
+    source, dest = Path(source), Path(dest)
+    try:
+        score = music21.converter.parse(source)
+    except Exception as e:  # noqa: BLE001 - music21 raises many types for unreadable scores
+        raise MuseformerError(f"{source}: music21 cannot parse it ({type(e).__name__}: {e})") from None
+    if not isinstance(score, stream.Score):
+        raise MuseformerError(f"{source}: not a single score (an opus or a fragment)")
+    parts = list(score.parts)
+    if chorale_voices:
+        named = {(p.partName or "").strip().lower(): p for p in parts}
+        if all(v in named for v in CHORALE_VOICES):
+            keep = [named[v] for v in CHORALE_VOICES]
+            for p in parts:
+                if p not in keep:
+                    score.remove(p)
+            parts = keep
+    if len(parts) < 2:
+        raise MuseformerError(f"{source}: fewer than two parts")
+    for part, program in zip(parts, part_programs(len(parts))):
+        for old in list(part.recurse().getElementsByClass(instrument.Instrument)):
+            old.activeSite.remove(old)
+        inst = instrument.Instrument()
+        inst.midiProgram = program
+        inst.partName = part.partName
+        part.insert(0, inst)
+    first = parts[0].getElementsByClass(stream.Measure).first()
+    pickup_pad = float(first.paddingLeft) if first is not None else 0.0
+    try:
+        data = midi.translate.music21ObjectToMidiFile(score).writestr()
+    except Exception as e:  # noqa: BLE001
+        raise MuseformerError(f"{source}: music21 cannot export it to MIDI ({type(e).__name__}: {e})") from None
+
+    midi_score = Score.from_midi(data)
+    if pickup_pad > 0:
+        # shift the music right by the missing part of the pickup bar; meta events stay at 0
+        shift = round(pickup_pad * midi_score.ticks_per_quarter)
+        midi_score = midi_score.shift_time(shift)
+        for events in (midi_score.tempos, midi_score.time_signatures, midi_score.key_signatures):
+            for event in events:
+                if event.time == shift:
+                    event.time = 0
+    # music21 leaves an empty conductor track and repeats each part's time signatures
+    midi_score.tracks = [t for t in midi_score.tracks if t.note_num() > 0]
+    seen, signatures = set(), []
+    for ts in midi_score.time_signatures:
+        if (ts.time, ts.numerator, ts.denominator) not in seen:
+            seen.add((ts.time, ts.numerator, ts.denominator))
+            signatures.append(ts)
+    midi_score.time_signatures = signatures
+    if midi_score.note_num() == 0:
+        raise MuseformerError(f"{source}: no notes")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    try:
+        midi_score.dump_midi(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _export_many(jobs: Sequence[tuple[str, str, bool]]) -> list[tuple[str, str]]:
+    """Export (source, dest, chorale_voices) jobs; returns (dest, error) for the failures."""
+    failed = []
+    for source, dest, voices in jobs:
+        try:
+            export_score(source, dest, chorale_voices=voices)
+        except MuseformerError as e:
+            failed.append((dest, str(e)))
+        except Exception as e:  # noqa: BLE001 - one bad score must not stop the corpus
+            failed.append((dest, f"{source}: {type(e).__name__}: {e}"))
+    return failed
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What ``export_corpus`` did: MIDI files written now, already present, and failures."""
+
+    midi_dir: Path
+    written: int
+    existing: int
+    failed: tuple[tuple[str, str], ...]  # (relative MIDI name, reason)
+
+
+def export_corpus(
+    name: str,
+    midi_dir: str | Path,
+    *,
+    workers: int = 1,
+    limit: int | None = None,
+    progress: bool = True,
+) -> ExportReport:
+    """Export corpus ``name`` to ``midi_dir`` (one ``.mid`` per score, mirroring music21's folders).
+
+    Files already present are kept (exports are atomic, so a present file is complete), which makes
+    re-running cheap and keeps their modification times, so ``prepare`` reuses their encodings.
+
+    Args:
+        name: a key of ``CORPORA``.
+        midi_dir: output folder.
+        workers: worker processes (1 exports in this process).
+        limit: export only the first ``limit`` scores in name order (tests, quick tries).
+        progress: show a tqdm progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    midi_dir = Path(midi_dir)
+    sources = corpus_sources(name, limit)
+    voices = name == "bach"
+    jobs = [(str(src), str(midi_dir / rel), voices) for rel, src in sources if not (midi_dir / rel).exists()]
+    existing = len(sources) - len(jobs)
+    chunks = [jobs[i : i + 8] for i in range(0, len(jobs), 8)]
+    failed: list[tuple[str, str]] = []
+    with tqdm(total=len(jobs), unit="score", desc=f"exporting {name}", disable=not progress or not jobs) as bar:
+        if workers == 1:
+            results = map(_export_many, chunks)
+        else:
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+            results = pool.map(_export_many, chunks)
+        try:
+            for chunk, chunk_failed in zip(chunks, results):
+                failed.extend(chunk_failed)
+                bar.update(len(chunk))
+        finally:
+            if workers != 1:
+                pool.shutdown(wait=True, cancel_futures=True)
+    failed_rel = tuple(sorted((Path(d).relative_to(midi_dir).as_posix(), why) for d, why in failed))
+    return ExportReport(midi_dir, len(jobs) - len(failed), existing, failed_rel)
