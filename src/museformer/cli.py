@@ -347,9 +347,65 @@ def _analyze(args) -> int:
 # generate
 # ---------------------------------------------------------------------------------------------
 def add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate songs with a trained (by default the bundled) model")
-    p.add_argument("-o", "--output", default="songs", help="output folder")
-    p.set_defaults(handler=_not_yet("generate"))
+    p = sub.add_parser(
+        "generate", help="generate songs with a trained (by default the bundled) model",
+        description="Generate songs as MIDI files, each with a JSON sidecar (checkpoint hash, options, seed) "
+        "that makes it reproducible. Lengths count the whole song, prompt included.",
+    )
+    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("-n", "--num", type=int, default=1, metavar="N", help="number of songs (default 1)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--bars", type=int, metavar="B", help="stop each song after B complete bars")
+    length.add_argument("--max-tokens", type=int, metavar="T",
+                        help="stop each song at T tokens, cut back to its last complete bar (default 20480)")
+    p.add_argument("--min-tokens", type=int, default=1024, metavar="T",
+                   help="end-of-song is forbidden before T tokens (default 1024, as the paper)")
+    p.add_argument("--prompt", metavar="MIDI", help="a MIDI file to continue")
+    p.add_argument("--prompt-bars", type=int, metavar="N", help="use only the first N bars of the prompt")
+    p.add_argument("--top-k", type=int, default=8, metavar="K", help="sample from the K most likely tokens "
+                   "(default 8, as the paper; 0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (default 1.0 = off)")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="softmax temperature; 0 = greedy")
+    p.add_argument("--seed", type=int, metavar="S", help="random seed; song i uses S + i (default: random, recorded)")
+    p.add_argument("--instruments", type=_program_list, metavar="P[,P...]",
+                   help="MIDI programs that may play new notes, 128 or 'drums' = drums (e.g. 0,25,drums)")
+    p.add_argument("--tempo", type=float, metavar="BPM", help="fix the tempo of generated bars")
+    p.add_argument("--no-grammar", action="store_true",
+                   help="sample without the token grammar (songs may then contain tokens MIDI cannot use)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="songs decoded together (default: all)")
+    p.add_argument("-o", "--output", default="songs", metavar="OUT_DIR", help="output folder (default ./songs)")
+    p.add_argument("--render", action="store_true", help="also write a piano-roll PNG and a WAV per song")
+    p.add_argument("--soundfont", metavar="SF2", help="General MIDI soundfont for --render")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.set_defaults(handler=_generate)
+
+
+def _program_list(text: str) -> tuple[int, ...]:
+    programs = []
+    for part in text.replace(" ", "").split(","):
+        if part.lower() in ("drums", "drum"):
+            programs.append(128)
+        elif part.isdigit():
+            programs.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a MIDI program (0..127) or 'drums'")
+    return tuple(programs)
+
+
+def _generate(args) -> int:
+    from museformer.generate import DEFAULT_MAX_TOKENS, SampleConfig, generate_to_folder
+
+    config = SampleConfig(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, max_bars=args.bars, min_tokens=args.min_tokens,
+        grammar=not args.no_grammar, instruments=args.instruments, tempo=args.tempo,
+    )
+    generate_to_folder(
+        args.output, args.checkpoint, num_songs=args.num, prompt=args.prompt, prompt_bars=args.prompt_bars,
+        config=config, batch_size=args.batch_size, device=args.device, render=args.render,
+        soundfont=args.soundfont, log=print,
+    )
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

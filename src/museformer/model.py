@@ -1,0 +1,333 @@
+"""The Museformer language model: config, embeddings, layers, and the loss.
+
+Reads top to bottom: ``MuseformerConfig`` (with presets) -> ``sinusoid`` -> ``Embeddings`` ->
+``FeedForward`` -> ``Layer`` -> ``Museformer`` -> ``lm_loss``. The attention itself lives in
+``attention.py``; which token may read which lives in ``structure.py``.
+
+Notation used in shape comments:
+
+    B   batch (songs)                      D   model width (d_model)
+    T   regular tokens per song (BOS first, right padding with PAD_ID)
+    S   summary slots per song (= most complete bars of any song in the batch)
+    K   keys of one attention step (= S + T; summaries first)
+    H   attention heads                    Dh  head width (D / H)
+    F   feed-forward width (d_ff)          V   vocabulary size
+
+Two streams flow through every layer: the regular stream ``x (B, T, D)`` and the summary stream
+``s (B, S, D)``; they share the LayerNorms, the FFN and the attention weights. After the last layer
+the summary stream is dropped and the regular stream is normalised and projected to the vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from museformer.attention import BACKENDS, FCAttention, get_backend
+from museformer.structure import AttentionPattern, bar_layout
+from museformer.structure import bar_ids as compute_bar_ids
+from museformer.structure import onset_ids as compute_onset_ids
+from museformer.vocab import BUILTIN_VOCABS, PAD_ID, Vocab
+
+
+# =============================================================================================
+# Config
+# =============================================================================================
+@dataclass(frozen=True)
+class MuseformerConfig:
+    """Everything that decides the network's shape and behaviour (saved as ``config.json``).
+
+    Attributes:
+        vocab: name of the vocabulary (``"lmd6remi"`` or ``"general"``, or a custom vocabulary's
+            name when the model is built with ``Museformer(config, vocab=...)``); the model uses it
+            to find bar ends (``b-1``) and onsets (``o-k``).
+        vocab_size: V, ids in that vocabulary (560 for lmd6remi).
+        d_model, n_layers, n_heads, d_ff: width, depth, heads, feed-forward width.
+        dropout: after the embedding projections, the attention output and the FFN.
+        attention_dropout: on the attention weights.
+        bar_embedding_dim: width of the sinusoidal bar-index embedding (paper: 256).
+        onset_embedding_dim: width of the sinusoidal onset-id embedding (paper: 128).
+        pattern: the attention pattern (fine offsets, summary tokens, fc / full).
+        attention_backend: which attention backend computes the masked attention (``"dense"``).
+    """
+
+    vocab: str = "lmd6remi"
+    vocab_size: int = 560
+    d_model: int = 512
+    n_layers: int = 4
+    n_heads: int = 8
+    d_ff: int = 2048
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    bar_embedding_dim: int = 256
+    onset_embedding_dim: int = 128
+    pattern: AttentionPattern = field(default_factory=AttentionPattern)
+    attention_backend: str = "dense"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.pattern, dict):
+            object.__setattr__(self, "pattern", AttentionPattern.from_dict(self.pattern))
+        if not isinstance(self.pattern, AttentionPattern):
+            raise ValueError(f"pattern must be an AttentionPattern, got {type(self.pattern).__name__}")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.vocab_size < 4:
+            raise ValueError(f"vocab_size must be at least 4 (the special symbols), got {self.vocab_size}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} must be divisible by n_heads {self.n_heads}")
+        for name in ("bar_embedding_dim", "onset_embedding_dim"):
+            value = getattr(self, name)
+            # sinusoids split the width into sin and cos halves of at least 2 frequencies each
+            if not isinstance(value, int) or value < 4 or value % 2:
+                raise ValueError(f"{name} must be an even integer >= 4, got {value!r}")
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"unknown attention_backend {self.attention_backend!r}; choose from {sorted(BACKENDS)}")
+        if not isinstance(self.vocab, str) or not self.vocab:
+            raise ValueError(f"vocab must be a vocabulary name, got {self.vocab!r}")
+
+    # -- presets ---------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides) -> MuseformerConfig:
+        """A named configuration, with optional field overrides.
+
+        - ``paper``: the released "museformer_lm_v2s1" (4 x 512, 8 heads, FFN 2048; ~16.1 M
+          parameters with the LMD vocabulary);
+        - ``small``: 4 x 256, 4 heads, FFN 1024 (trains on a CPU);
+        - ``tiny``: 2 x 32, 2 heads, no dropout (tests).
+
+        ``vocab="general"`` (an override) also sets ``vocab_size`` to that vocabulary's size.
+        """
+        presets = {
+            "paper": {},
+            "small": dict(d_model=256, n_heads=4, d_ff=1024, bar_embedding_dim=128, onset_embedding_dim=64),
+            "tiny": dict(d_model=32, n_layers=2, n_heads=2, d_ff=64, bar_embedding_dim=16, onset_embedding_dim=8,
+                         dropout=0.0, attention_dropout=0.0),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown model preset {name!r}; choose from {sorted(presets)}")
+        values = {**presets[name], **overrides}
+        vocab = values.get("vocab", "lmd6remi")
+        if "vocab_size" not in values and vocab in BUILTIN_VOCABS:
+            values["vocab_size"] = len(Vocab.builtin(vocab))
+        return cls(**values)
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """JSON-native form; ``from_dict(to_dict())`` gives an equal config."""
+        d = dataclasses.asdict(self)
+        d["pattern"] = self.pattern.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MuseformerConfig:
+        """Inverse of ``to_dict``; unknown keys are an error (ValueError naming them)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> MuseformerConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+# =============================================================================================
+# Embeddings
+# =============================================================================================
+def sinusoid(index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed sinusoidal embedding of integer indices; index 0 ("none") gives the zero vector.
+
+    Half the dims are sines, half cosines (concatenated), frequencies exp(-k ln(10000) / (dim/2 - 1)).
+
+    Shapes: ``(...)`` int -> ``(..., dim)`` float32.
+    """
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, device=index.device, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
+    angle = index.float()[..., None] * freq  # (..., half)
+    emb = torch.cat([torch.sin(angle), torch.cos(angle)], dim=-1)  # (..., dim)
+    return emb.masked_fill((index == 0)[..., None], 0.0)
+
+
+class Embeddings(nn.Module):
+    """Inputs of both streams; there is no token-position embedding at all.
+
+    regular token: concat(token_emb * sqrt(D), sinusoid(bar index), sinusoid(onset id)) -> Linear -> D
+    summary token: concat(summary_emb * sqrt(D), sinusoid(bar index it summarises))     -> Linear -> D
+    followed by dropout.
+    """
+
+    def __init__(self, config: MuseformerConfig) -> None:
+        super().__init__()
+        c = config
+        self.d_model, self.bar_dim, self.onset_dim = c.d_model, c.bar_embedding_dim, c.onset_embedding_dim
+        self.token = nn.Embedding(c.vocab_size, c.d_model, padding_idx=PAD_ID)
+        self.regular_proj = nn.Linear(c.d_model + c.bar_embedding_dim + c.onset_embedding_dim, c.d_model)
+        if c.pattern.has_summaries:
+            self.summary = nn.Embedding(c.pattern.summary_tokens, c.d_model)
+            self.summary_proj = nn.Linear(c.d_model + c.bar_embedding_dim, c.d_model)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def regular(self, ids: torch.Tensor, bars: torch.Tensor, onsets: torch.Tensor) -> torch.Tensor:
+        """Shapes: ids, bars, onsets ``(B, T)`` -> ``(B, T, D)``."""
+        x = torch.cat(
+            [self.token(ids) * math.sqrt(self.d_model), sinusoid(bars, self.bar_dim), sinusoid(onsets, self.onset_dim)],
+            dim=-1,
+        )  # (B, T, D + bar_dim + onset_dim)
+        return self.dropout(self.regular_proj(x))
+
+    def summaries(self, bars: torch.Tensor) -> torch.Tensor:
+        """Shapes: bar index of each summary slot ``(B, S)`` (0 = padding) -> ``(B, S, D)``."""
+        token = self.summary.weight[0] * math.sqrt(self.d_model)  # (D,)  one summary token per bar
+        x = torch.cat([token.expand(*bars.shape, -1), sinusoid(bars, self.bar_dim)], dim=-1)  # (B, S, D + bar_dim)
+        return self.dropout(self.summary_proj(x))
+
+
+# =============================================================================================
+# Layers
+# =============================================================================================
+class FeedForward(nn.Module):
+    """Linear(D -> F), GELU, Linear(F -> D)."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Layer(nn.Module):
+    """One pre-LN layer over both streams (shared LayerNorms, attention weights and FFN)."""
+
+    def __init__(self, config: MuseformerConfig, backend) -> None:
+        super().__init__()
+        c = config
+        self.attention_norm = nn.LayerNorm(c.d_model)
+        self.attention = FCAttention(c.d_model, c.n_heads, c.attention_dropout, c.pattern.has_summaries, backend)
+        self.ffn_norm = nn.LayerNorm(c.d_model)
+        self.ffn = FeedForward(c.d_model, c.d_ff)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor | None, masks) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Shapes: x ``(B, T, D)``, s ``(B, S, D)`` or None -> the same."""
+        a_x, a_s = self.attention(self.attention_norm(x), None if s is None else self.attention_norm(s), masks)
+        x = x + self.dropout(a_x)
+        x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        if s is not None:
+            s = s + self.dropout(a_s)
+            s = s + self.dropout(self.ffn(self.ffn_norm(s)))
+        return x, s
+
+
+# =============================================================================================
+# The language model
+# =============================================================================================
+class Museformer(nn.Module):
+    """Museformer: a decoder-only language model over REMIGEN tokens with FC-attention.
+
+    Args:
+        config: the model config.
+        vocab: the vocabulary whose ``b-1`` / ``o-k`` ids give bar and onset ids; defaults to the
+            built-in vocabulary named by ``config.vocab``. Its size must equal ``config.vocab_size``.
+    """
+
+    def __init__(self, config: MuseformerConfig, vocab: Vocab | None = None) -> None:
+        super().__init__()
+        if vocab is None:
+            if config.vocab not in BUILTIN_VOCABS:
+                raise ValueError(f"vocabulary {config.vocab!r} is not built in; pass vocab= to Museformer")
+            vocab = Vocab.builtin(config.vocab)
+        if len(vocab) != config.vocab_size:
+            raise ValueError(f"vocabulary {vocab.name!r} has {len(vocab)} ids but config.vocab_size is {config.vocab_size}")
+        self.config = config
+        self.vocab = vocab
+        self.backend = get_backend(config.attention_backend)
+        self.embed = Embeddings(config)
+        self.layers = nn.ModuleList(Layer(config, self.backend) for _ in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(config.d_model)
+        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)  # not tied to the input embedding
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every tensor as the paper's released model does.
+
+        - token embedding ``embed.token``: N(0, 1), the PAD row 0 (PyTorch ``nn.Embedding``, as released);
+        - summary embedding ``embed.summary``: N(0, 1);
+        - embedding projections ``embed.regular_proj`` / ``embed.summary_proj``: PyTorch ``nn.Linear``
+          default (Kaiming-uniform a=sqrt(5), bias U(+-1/sqrt(fan_in))), as released;
+        - attention ``q_proj``/``k_proj``/``v_proj``/``key2``/``value2``: Xavier-uniform, gain 1/sqrt(2);
+          the six Q/K/V biases (``regular_bias``, ``summary_bias``): 0;
+        - attention ``out_proj``: Xavier-uniform, bias 0;
+        - FFN ``fc1``/``fc2``: PyTorch ``nn.Linear`` default (as fairseq's layers);
+        - LayerNorms: weight 1, bias 0;
+        - output projection ``output``: N(0, D^-0.5), no bias.
+        """
+        nn.init.normal_(self.embed.token.weight, 0.0, 1.0)
+        self.embed.token.weight[PAD_ID].zero_()
+        self.embed.regular_proj.reset_parameters()
+        if self.config.pattern.has_summaries:
+            nn.init.normal_(self.embed.summary.weight, 0.0, 1.0)
+            self.embed.summary_proj.reset_parameters()
+        for layer in self.layers:
+            layer.attention.init_weights()
+            layer.ffn.fc1.reset_parameters()
+            layer.ffn.fc2.reset_parameters()
+            for norm in (layer.attention_norm, layer.ffn_norm):
+                norm.reset_parameters()
+        self.final_norm.reset_parameters()
+        nn.init.normal_(self.output.weight, 0.0, self.config.d_model**-0.5)
+
+    def num_parameters(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def forward(self, input_ids: torch.Tensor, bar_ids: torch.Tensor | None = None,
+                onset_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits for a right-padded batch of songs.
+
+        Args:
+            input_ids: ``(B, T)`` int64, BOS first, ``PAD_ID`` right padding; every song has its own
+                bar structure (found from its ``b-1`` tokens).
+            bar_ids, onset_ids: ``(B, T)`` embedding indices, computed from ``input_ids`` when None
+                (pass them to save that work; they must equal what ``structure.py`` computes).
+
+        Returns:
+            logits ``(B, T, V)``; logits at padding positions are meaningless (and finite).
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+        pattern = self.config.pattern
+        layout = bar_layout(input_ids, self.vocab, pattern)  # slots of both streams
+        masks = self.backend.prepare(layout, pattern)  # built once, shared by every layer
+        if bar_ids is None:
+            bar_ids = compute_bar_ids(input_ids, self.vocab)  # (B, T)
+        if onset_ids is None:
+            onset_ids = compute_onset_ids(input_ids, self.vocab)  # (B, T)
+
+        x = self.embed.regular(input_ids, bar_ids, onset_ids)  # (B, T, D)
+        s = self.embed.summaries(layout.summary_bar) if pattern.has_summaries else None  # (B, S, D)
+        for layer in self.layers:
+            x, s = layer(x, s, masks)
+        return self.output(self.final_norm(x))  # (B, T, V); the summary stream is dropped
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = PAD_ID) -> torch.Tensor:
+    """Token-level cross entropy (mean over non-padding targets), computed in float32.
+
+    Shapes: logits ``(B, T, V)``, targets ``(B, T)`` -> scalar.
+    """
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
