@@ -267,3 +267,20 @@ def test_cli_encode_decode(tmp_path: Path, capsys) -> None:
     assert main(["encode", str(bad)]) == 1
     err = capsys.readouterr().err
     assert "bad.mid" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_program_32_is_bass_in_lmd6_ids():
+    """With the lmd6remi vocabulary (no i-32), program 32 becomes i-43 as ids, never <unk>."""
+    import symusic
+
+    from museformer.vocab import UNK_ID
+
+    score = symusic.Score(480)
+    track = symusic.Track(program=32)
+    track.notes.append(symusic.Note(0, 480, 40, 90))
+    score.tracks.append(track)
+    tok = Tokenizer.preset("lmd6")
+    assert "i-32" in tok.encode(score)
+    ids = tok.encode(score, as_ids=True)
+    assert UNK_ID not in ids.tolist()
+    assert tok.vocab.token_to_id("i-43") in ids.tolist()

@@ -212,6 +212,11 @@ class Tokenizer:
         self.vocab = Vocab.builtin(self.config.vocab)
         # flat token table index -> vocabulary id (UNK where the vocabulary lacks the token)
         self._text_to_id = self.vocab.encode(list(_TEXT))
+        if "i-32" not in self.vocab and "i-43" in self.vocab:
+            # The official 6tracks order accepts program 32 as bass, but the lmd6remi vocabulary has
+            # no i-32: as ids it becomes the bass the vocabulary has (i-43), never <unk>. The token
+            # text stays identical to the official encoder's.
+            self._text_to_id[_TEXT == "i-32"] = self.vocab.token_to_id("i-43")
 
     @classmethod
     def preset(cls, name: str) -> Tokenizer:
