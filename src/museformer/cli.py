@@ -18,63 +18,6 @@ from museformer.errors import MuseformerError
 # ---------------------------------------------------------------------------------------------
 # encode / decode (tokenizer)
 # ---------------------------------------------------------------------------------------------
-def add_encode(sub) -> None:
-    p = sub.add_parser("encode", help="MIDI file -> REMIGEN token line")
-    p.add_argument("input", help="MIDI file")
-    p.add_argument("-o", "--output", help="token text file to write (default: print the line)")
-    p.add_argument("--preset", choices=["lmd6"], help="lmd6: the paper's LMD setting (overrides the options)")
-    p.add_argument("--encoding", choices=["remigen2", "remigen"], default="remigen2", help="token format")
-    p.add_argument("--normalize-pitch", action="store_true", help="transpose to C major / A minor")
-    p.add_argument("--remove-empty-bars", action="store_true", help="drop empty bars before the first note")
-    p.add_argument("--ignore-ts", action="store_true", help="emit no time-signature tokens")
-    p.add_argument("--sort-insts", choices=["id", "6tracks"], default="id", help="instrument order")
-    p.set_defaults(handler=_encode)
-
-
-def _encode(args) -> int:
-    from museformer.tokenizer import Tokenizer, write_token_lines
-
-    if args.preset:
-        tok = Tokenizer.preset(args.preset)
-    else:
-        tok = Tokenizer(
-            encoding=args.encoding,
-            normalize_pitch=args.normalize_pitch,
-            remove_empty_bars=args.remove_empty_bars,
-            ignore_ts=args.ignore_ts,
-            sort_insts=args.sort_insts,
-        )
-    tokens = tok.encode_file(args.input)
-    if args.output:
-        write_token_lines(args.output, [tokens])
-    else:
-        print(" ".join(tokens))
-    return 0
-
-
-def add_decode(sub) -> None:
-    p = sub.add_parser("decode", help="token text file -> MIDI file")
-    p.add_argument("input", help="token text file (first line = one song)")
-    p.add_argument("-o", "--output", required=True, help="MIDI file to write")
-    p.set_defaults(handler=_decode)
-
-
-def _decode(args) -> int:
-    from museformer.tokenizer import Tokenizer, read_token_lines, write_midi
-
-    songs = read_token_lines(args.input)
-    if not songs:
-        raise MuseformerError(f"{args.input} holds no tokens")
-    score, report = Tokenizer().decode_with_report(songs[0])
-    write_midi(score, args.output)
-    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.reasons.items()))
-    print(f"wrote {args.output}; skipped {report.skipped} invalid token(s)" + (f" ({reasons})" if reasons else ""))
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# prepare (corpus preparation)
-# ---------------------------------------------------------------------------------------------
 def add_encoding_options(p: argparse.ArgumentParser) -> None:
     """The tokenizer options shared by ``encode`` and ``prepare`` (unset flags keep the defaults)."""
     g = p.add_argument_group("encoding options")
@@ -108,6 +51,48 @@ def tokenizer_from_args(args: argparse.Namespace):
         raise MuseformerError(f"bad encoding options: {e}") from None
 
 
+def add_encode(sub) -> None:
+    p = sub.add_parser("encode", help="MIDI file -> REMIGEN token line")
+    p.add_argument("input", help="MIDI file")
+    p.add_argument("-o", "--output", help="token text file to write (default: print the line)")
+    add_encoding_options(p)
+    p.set_defaults(handler=_encode)
+
+
+def _encode(args) -> int:
+    from museformer.tokenizer import write_token_lines
+
+    tokens = tokenizer_from_args(args).encode_file(args.input)
+    if args.output:
+        write_token_lines(args.output, [tokens])
+    else:
+        print(" ".join(tokens))
+    return 0
+
+
+def add_decode(sub) -> None:
+    p = sub.add_parser("decode", help="token text file -> MIDI file")
+    p.add_argument("input", help="token text file (first line = one song)")
+    p.add_argument("-o", "--output", required=True, help="MIDI file to write")
+    p.set_defaults(handler=_decode)
+
+
+def _decode(args) -> int:
+    from museformer.tokenizer import Tokenizer, read_token_lines, write_midi
+
+    songs = read_token_lines(args.input)
+    if not songs:
+        raise MuseformerError(f"{args.input} holds no tokens")
+    score, report = Tokenizer().decode_with_report(songs[0])
+    write_midi(score, args.output)
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.reasons.items()))
+    print(f"wrote {args.output}; skipped {report.skipped} invalid token(s)" + (f" ({reasons})" if reasons else ""))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare (corpus preparation)
+# ---------------------------------------------------------------------------------------------
 def add_prepare(sub) -> None:
     p = sub.add_parser(
         "prepare",
@@ -439,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     except MuseformerError as e:
         print(f"museformer {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"museformer {args.command}: interrupted", file=sys.stderr)
         return 130
