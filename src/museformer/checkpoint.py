@@ -8,7 +8,7 @@ A checkpoint directory holds
 - ``tokenizer.json``: the tokenizer (``Tokenizer.to_dict()``).
 
 ``save_checkpoint(dir, model, tokenizer)`` writes the three files to temporary files in the same
-folder, fsyncs them, then moves each into place with ``os.replace``; other files in the folder (for
+folder, fsyncs them, then moves each into place (``files.atomic_path``); other files in the folder (for
 example a trainer's resume state) are left alone. ``load(dir)`` returns ``(model, tokenizer)``, and
 every problem a user can cause (missing, truncated or mismatched file) is a ``MuseformerError``
 naming the file and, for weights, the tensor and the shapes.
@@ -18,9 +18,8 @@ Training state for resuming (optimizer, step) is not this module's business.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from torch import nn
 
 from museformer import __version__
 from museformer.errors import MuseformerError
+from museformer.files import atomic_path
 from museformer.model import Museformer, MuseformerConfig
 
 CONFIG_FILE = "config.json"
@@ -51,20 +51,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 # =============================================================================================
 # Save
 # =============================================================================================
-def _temp_path(directory: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer) -> Path:
     """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` into ``directory``.
 
@@ -101,31 +87,19 @@ def save_checkpoint(directory: str | Path, model: nn.Module, tokenizer) -> Path:
         CONFIG_FILE: json.dumps(config, indent=2) + "\n",
         TOKENIZER_FILE: json.dumps(tokenizer.to_dict(), indent=2) + "\n",
     }
-    temps: dict[str, Path] = {}
     try:
-        # 1. everything to temporary files in the same folder, flushed to disk
-        temps[WEIGHTS_FILE] = _temp_path(directory, WEIGHTS_FILE)
-        save_file(state, str(temps[WEIGHTS_FILE]), metadata={"format": "pt", "museformer_version": __version__})
-        _fsync(temps[WEIGHTS_FILE])
-        for name, text in texts.items():
-            temps[name] = _temp_path(directory, name)
-            with open(temps[name], "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-        # 2. then into place, config last: a reader never sees a config without its weights
-        for name in (WEIGHTS_FILE, TOKENIZER_FILE, CONFIG_FILE):
-            os.replace(temps.pop(name), directory / name)
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        # Each file goes to a temp file first and is moved into place when its block closes;
+        # ExitStack closes in reverse order, so config.json lands last: a reader never sees a
+        # config without its weights.
+        with contextlib.ExitStack() as stack:
+            config_tmp = stack.enter_context(atomic_path(directory / CONFIG_FILE))
+            tokenizer_tmp = stack.enter_context(atomic_path(directory / TOKENIZER_FILE))
+            weights_tmp = stack.enter_context(atomic_path(directory / WEIGHTS_FILE))
+            save_file(state, str(weights_tmp), metadata={"format": "pt", "museformer_version": __version__})
+            tokenizer_tmp.write_text(texts[TOKENIZER_FILE], encoding="utf-8")
+            config_tmp.write_text(texts[CONFIG_FILE], encoding="utf-8")
     except OSError as e:
         raise MuseformerError(f"cannot write checkpoint {directory}: {e.strerror or e}") from None
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
     return directory
 
 

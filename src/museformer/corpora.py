@@ -23,7 +23,6 @@ measure is padded with rest at the start so that bar lines fall where the score 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from museformer.errors import MuseformerError
+from museformer.files import atomic_path
 
 LEAD, STRINGS, PIANO, GUITAR, BASS = 80, 48, 0, 25, 43
 MIDDLE_PROGRAMS = (STRINGS, PIANO, GUITAR)
@@ -147,16 +147,8 @@ def export_score(source: str | Path, dest: str | Path, *, chorale_voices: bool =
     midi_score.time_signatures = signatures
     if midi_score.note_num() == 0:
         raise MuseformerError(f"{source}: no notes")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    try:
-        midi_score.dump_midi(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(dest) as tmp:
+        midi_score.dump_midi(str(tmp))
 
 
 def _export_many(jobs: Sequence[tuple[str, str, bool]]) -> list[tuple[str, str]]:

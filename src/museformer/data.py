@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from museformer.errors import MuseformerError
+from museformer.files import atomic_path, write_text_atomic
 from museformer.vocab import BOS_ID, EOS_ID
 
 SPLITS = ("train", "valid", "test")
@@ -152,21 +153,9 @@ def _file_key(root: Path, rel: str) -> str:
 # atomic files
 # ---------------------------------------------------------------------------------------------
 def _atomic_write(path: Path, write: Callable) -> None:
-    """Write through ``write(file)`` to a temp file in the same folder, fsync, then os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    """Write through ``write(binary_file)`` atomically (``files.atomic_path``)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +198,7 @@ class _WorkCache:
             "lengths": [-1 if ids is None else len(ids) for _, ids, _ in results],
             "errors": [err for _, _, err in results],
         }
-        _atomic_text(index, json.dumps(info))
+        write_text_atomic(index, json.dumps(info))
         start = 0
         for key, (_, ids, err) in zip(keys, results):
             n = 0 if ids is None else len(ids)
@@ -412,10 +401,10 @@ def _write_shards(input_dir, out_dir, tokenizer, relpaths, keys, cache, lists, v
 
         _atomic_write(out_dir / f"{split}.tokens.bin", write_tokens)
         _atomic_write(out_dir / f"{split}.offsets.npy", lambda f: np.save(f, np.asarray(offsets, np.int64)))
-        _atomic_text(out_dir / f"{split}.songs.json", json.dumps(members[split], indent=0) + "\n")
+        write_text_atomic(out_dir / f"{split}.songs.json", json.dumps(members[split], indent=0) + "\n")
         counts[split], tokens[split] = len(members[split]), offsets[-1]
 
-    _atomic_text(out_dir / "failed.tsv", "".join(f"{rel}\t{why}\n" for rel, why in failed))
+    write_text_atomic(out_dir / "failed.tsv", "".join(f"{rel}\t{why}\n" for rel, why in failed))
     tokenizer.save(out_dir / "tokenizer.json")  # atomic
     meta = {
         "format": FORMAT,
@@ -432,7 +421,7 @@ def _write_shards(input_dir, out_dir, tokenizer, relpaths, keys, cache, lists, v
         "splits": {s: {"songs": counts[s], "tokens": tokens[s]} for s in SPLITS},
         "versions": _versions(),
     }
-    _atomic_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     return PrepareReport(out_dir, counts, tokens, tuple(failed), encoded, reused, unlisted)
 
 

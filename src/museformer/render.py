@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import symusic
 
 from museformer.errors import MuseformerError
+from museformer.files import atomic_path
 
 SOUNDFONT_CANDIDATES = (
     "/usr/share/sounds/sf2/FluidR3_GM.sf2",
@@ -53,15 +53,6 @@ def find_soundfont(soundfont: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
-def _atomic_target(path: Path):
-    """A temp file next to ``path`` (same filesystem) that ``os.replace`` can move into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are ordinary user files
-    return Path(tmp)
-
-
 def render_audio(
     score: symusic.Score, path: str | os.PathLike, soundfont: str | os.PathLike | None = None,
     sample_rate: int = 44100,
@@ -74,21 +65,19 @@ def render_audio(
     if font is None:
         raise MuseformerError(SOUNDFONT_HELP)
     path = Path(path)
-    tmp = _atomic_target(path)
-    midi = tmp.with_suffix(".mid")
-    try:
-        score.dump_midi(str(midi))
-        # -n: no MIDI input, -i: no shell, -F: render to file (the file type follows the suffix)
-        done = subprocess.run(
-            [fluidsynth, "-ni", "-q", "-r", str(sample_rate), "-F", str(tmp), str(font), str(midi)],
-            capture_output=True, text=True, timeout=600,
-        )
+    with atomic_path(path) as tmp:
+        midi = tmp.with_suffix(".mid")
+        try:
+            score.dump_midi(str(midi))
+            # -n: no MIDI input, -i: no shell, -F: render to this file, -T: as WAV
+            done = subprocess.run(
+                [fluidsynth, "-ni", "-q", "-r", str(sample_rate), "-T", "wav", "-F", str(tmp), str(font), str(midi)],
+                capture_output=True, text=True, timeout=600,
+            )
+        finally:
+            midi.unlink(missing_ok=True)
         if done.returncode != 0 or tmp.stat().st_size == 0:
             raise MuseformerError(f"fluidsynth failed to render {path}: {done.stderr.strip()[-300:]}")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        midi.unlink(missing_ok=True)
     return path
 
 
@@ -140,11 +129,9 @@ def piano_roll(score: symusic.Score, path: str | os.PathLike, title: str | None 
     ax.set_title(title or f"{score.note_num()} notes, {len(score.tracks)} tracks")
     fig.tight_layout()
     path = Path(path)
-    tmp = _atomic_target(path)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path

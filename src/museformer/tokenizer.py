@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,6 +46,7 @@ import symusic
 
 from museformer import __version__
 from museformer.errors import MuseformerError
+from museformer.files import atomic_path, write_text_atomic
 from museformer.vocab import SPECIAL_SYMBOLS, Vocab
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +403,7 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.json`` (atomically)."""
-        _atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -646,36 +645,15 @@ def read_token_lines(path: str | Path) -> list[list[str]]:
 
 def write_token_lines(path: str | Path, songs: Sequence[Sequence[str]]) -> None:
     """Write songs in the official dump format (atomically)."""
-    _atomic_write_text(Path(path), "".join(" ".join(song) + "\n" for song in songs))
+    write_text_atomic(path, "".join(" ".join(song) + "\n" for song in songs))
 
 
 def write_midi(score: symusic.Score, path: str | Path) -> None:
     """Write a score as a MIDI file (atomically); ``MuseformerError`` naming the file on failure."""
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            score.dump_midi(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(path) as tmp:
+            score.dump_midi(str(tmp))
     except OSError as e:
         raise MuseformerError(f"cannot write MIDI file {path}: {e}") from None
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from museformer.errors import MuseformerError
+from museformer.files import fsync_dir, write_bytes_atomic
 from museformer.model import Museformer, MuseformerConfig
 from museformer.vocab import EOS_ID, PAD_ID
 
@@ -484,25 +485,6 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 # =============================================================================================
 # checkpoints
 # =============================================================================================
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform can fsync a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
     """Complete resumable checkpoints (``checkpoints/step-N``), oldest first."""
     root = out_dir / CHECKPOINTS
@@ -525,10 +507,10 @@ def _save_training_checkpoint(out_dir: Path, step: int, model, tokenizer, state:
     save_checkpoint(tmp, model, tokenizer)
     buf = io.BytesIO()
     torch.save(state, buf)
-    _write_atomic(tmp / STATE_FILE, buf.getvalue())
+    write_bytes_atomic(tmp / STATE_FILE, buf.getvalue())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     save_checkpoint(out_dir / FINAL_MODEL, model, tokenizer)  # the newest weights at a stable path
     for _, old in _checkpoint_dirs(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -566,7 +548,7 @@ class _MetricsLog:
         writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-        _write_atomic(self.path, text.getvalue().encode())
+        write_bytes_atomic(self.path, text.getvalue().encode())
         self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=METRIC_COLUMNS)
         self.tb = None
@@ -669,7 +651,7 @@ def _train(cfg: TrainConfig, d: _Dist, resume: bool) -> Path:
             print(f"resuming from {existing[-1][1]} (step {step})", file=sys.stderr)
     if d.main:  # after the checkpoint check, so a mismatched resume leaves the run folder untouched
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out_dir / CONFIG_FILE, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+        write_bytes_atomic(out_dir / CONFIG_FILE, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
         for stale in (out_dir / CHECKPOINTS).glob(".tmp-*") if (out_dir / CHECKPOINTS).is_dir() else ():
             shutil.rmtree(stale, ignore_errors=True)  # left by a run killed while saving
     runner = model
