@@ -244,6 +244,26 @@ def test_perplexity_is_exp_of_the_mean_token_nll(prepared, tmp_path):
     assert result["songs"] == len(corpus)
 
 
+def test_unigram_baseline_by_hand(prepared):
+    """The unigram baseline is exp(mean -log p) with add-one-smoothed train-split frequencies."""
+    from museformer.data import Corpus
+    from museformer.train import unigram_perplexity
+    from museformer.vocab import EOS_ID
+
+    train_split, test_split = Corpus(prepared, "train"), Corpus(prepared, "test")
+    counts = {i: 1.0 for i in range(len(train_split.vocab))}
+    for song in train_split:
+        for t in list(song.ids) + [EOS_ID]:
+            counts[int(t)] += 1
+    total = sum(counts.values())
+    nll, n = 0.0, 0
+    for song in test_split:
+        for t in (list(song.ids) + [EOS_ID])[:100]:
+            nll -= math.log(counts[int(t)] / total)
+            n += 1
+    assert unigram_perplexity(train_split, test_split, 100) == pytest.approx(math.exp(nll / n), rel=1e-9)
+
+
 def test_resume_with_a_different_model_is_refused_and_changes_nothing(prepared, tmp_path):
     """Resuming a run with another model config is a clear error; a plain rerun must ask for --resume."""
     train(_config(prepared, tmp_path, "max_steps=1"))

@@ -278,16 +278,14 @@ def _evaluate(args) -> int:
     else:
         if args.checkpoint is None or args.data_dir is None:
             raise MuseformerError("give CHECKPOINT DATA_DIR (perplexity) or --structure DIR --reference DIR")
-        from museformer import train
+        from museformer.train import evaluate_perplexity
 
-        evaluate_perplexity = getattr(train, "evaluate_perplexity", None)
-        if evaluate_perplexity is None:
-            raise MuseformerError("perplexity evaluation is not available yet")
         report = evaluate_perplexity(args.checkpoint, args.data_dir, split=args.split, max_lens=args.max_len,
                                      batch_tokens=args.batch_tokens, device=args.device)
         for r in report["results"]:
             print(f"max_len {r['max_len']:>6}: perplexity {r['perplexity']:.4f} "
-                  f"(mean NLL {r['mean_nll']:.4f} over {r['tokens']:,} tokens, {report['songs']} songs)")
+                  f"(mean NLL {r['mean_nll']:.4f} over {r['tokens']:,} tokens, {report['songs']} songs; "
+                  f"unigram baseline {r['unigram_perplexity']:.2f})")
     if args.output:
         analysis.write_json(args.output, report)
         print(f"wrote {args.output}")

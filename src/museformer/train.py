@@ -774,6 +774,26 @@ def _train(cfg: TrainConfig, d: _Dist, resume: bool) -> Path:
 # =============================================================================================
 # evaluate
 # =============================================================================================
+def unigram_perplexity(train_corpus, eval_corpus, max_len: int) -> float:
+    """Perplexity of the add-one-smoothed unigram model of ``train_corpus`` on ``eval_corpus``.
+
+    The baseline a sequence model must beat: token frequencies of the training songs (EOS counted
+    once per song), scored on exactly the targets ``evaluate_perplexity`` scores at ``max_len``.
+    """
+    size = len(train_corpus.vocab)
+    counts = np.ones(size, dtype=np.float64)  # add-one smoothing
+    for i in range(len(train_corpus)):
+        counts += np.bincount(train_corpus[i].ids, minlength=size)[:size]
+    counts[EOS_ID] += len(train_corpus)
+    log_prob = np.log(counts / counts.sum())
+    nll, n = 0.0, 0
+    for i in range(len(eval_corpus)):
+        targets = eval_corpus[i].model_inputs(max_len)["target_ids"]
+        nll -= float(log_prob[targets].sum())
+        n += len(targets)
+    return math.exp(nll / max(n, 1))
+
+
 def evaluate_perplexity(
     checkpoint_dir: str | os.PathLike,
     data_dir: str | os.PathLike,
@@ -790,7 +810,8 @@ def evaluate_perplexity(
 
     Returns:
         ``{"checkpoint", "data_dir", "split", "songs", "results": [{"max_len", "tokens",
-        "mean_nll", "perplexity"}, ...]}`` (one result per length, in the order given).
+        "mean_nll", "perplexity", "unigram_perplexity"}, ...]}`` (one result per length, in the
+        order given); ``unigram_perplexity`` is the baseline of ``unigram_perplexity``.
     """
     from museformer.checkpoint import load
 
@@ -809,11 +830,13 @@ def evaluate_perplexity(
             f"but {data_dir} was prepared with {corpus.vocab.name!r} ({len(corpus.vocab)} ids)"
         )
     model = model.to(dev).eval()
+    train_split = _open_corpus(str(data_dir), "train")
     results = []
     for max_len in max_lens:
         total, count = corpus_nll(model, corpus, int(max_len), batch_tokens, dev, "fp32")  # exact, also on GPU
         mean = total / count
         results.append({"max_len": int(max_len), "tokens": count, "mean_nll": mean,
-                        "perplexity": math.exp(mean) if mean < 700 else math.inf})
+                        "perplexity": math.exp(mean) if mean < 700 else math.inf,
+                        "unigram_perplexity": unigram_perplexity(train_split, corpus, int(max_len))})
     return {"checkpoint": str(checkpoint_dir), "data_dir": str(data_dir), "split": split, "songs": len(corpus),
             "results": results}
