@@ -187,7 +187,7 @@ INVALID = [  # (grammar, tokens, words the first problem must contain)
     (LMD, "t-38 o-0 i-128 p-60 d-6 v-20 b-1", "drum (i-128) pitches"),
     (LMD, "t-38 o-0 i-0 p-160 d-6 v-20 b-1", "non-drum pitches"),
     (LMD, f"t-38 o-0 i-0 {NOTE} </s>", "after v-* comes"),
-    (LMD, f"t-38 b-1 </s> t-38 b-1", "nothing but padding"),
+    (LMD, "t-38 b-1 </s> t-38 b-1", "nothing but padding"),
     (LMD, "t-38 b-0", "b-1"),
     (LMD, "t-38 o-0 i-0 p-60 d-96 v-20 b-1", "96 duration bins"),
     (LMD, "t-38 o-0 i-0 p-60 d-6 v-20", "end of sequence"),  # unfinished bar

@@ -153,7 +153,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(prepared, tmp_pat
     train(_config(prepared, tmp_path / "whole", *opts))
 
     driver = tmp_path / "driver.py"
-    driver.write_text(textwrap.dedent(f"""
+    driver.write_text(textwrap.dedent("""
         import sys, time
         import museformer.train as t
         save = t._save_training_checkpoint

@@ -6,6 +6,8 @@ Public API (imported lazily, so ``import museformer`` stays cheap):
 - ``Vocab``: the official vocabularies (``museformer.vocab``)
 - ``MuseformerConfig``, ``Museformer``: the model (``museformer.model``)
 - ``load``: a checkpoint directory -> model and tokenizer (``museformer.checkpoint``)
+
+Generation: ``from museformer.generate import generate`` (a submodule, so that name stays a module).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ _LAZY = {
     "MuseformerConfig": "museformer.model",
     "Museformer": "museformer.model",
     "load": "museformer.checkpoint",
-    "generate": "museformer.generate",
     "MuseformerError": "museformer.errors",
 }
 

@@ -360,6 +360,8 @@ def add_generate(sub) -> None:
     p.add_argument("--render", action="store_true", help="also write a piano-roll PNG and a WAV per song")
     p.add_argument("--soundfont", metavar="SF2", help="General MIDI soundfont for --render")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for PyTorch (default: PyTorch's choice; 1 is often fastest on a busy machine)")
     p.set_defaults(handler=_generate)
 
 
@@ -386,7 +388,7 @@ def _generate(args) -> int:
     generate_to_folder(
         args.output, args.checkpoint, num_songs=args.num, prompt=args.prompt, prompt_bars=args.prompt_bars,
         config=config, batch_size=args.batch_size, device=args.device, render=args.render,
-        soundfont=args.soundfont, log=print,
+        soundfont=args.soundfont, threads=args.threads, log=print,
     )
     return 0
 

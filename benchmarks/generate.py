@@ -1,0 +1,122 @@
+"""Generation speed: the exact cache vs re-running the whole prefix per token (the official decoder).
+
+Measures, with the same model in the same run:
+
+1. per-token decode time of the cache at several song lengths (teacher-forced on a made-up song so
+   every length is reached), and the time of one full forward over the same prefix (which is what
+   the official decoder pays for *every* token); their ratio is the speed-up at that length;
+2. the total time to produce an N-token song both ways: the cache is timed for real over all N
+   tokens; full recompute is the sum over every prefix length of one forward, integrated from the
+   forwards measured in (1) (linear interpolation; stated in the output);
+3. tokens/s of real sampling (top-k 8, grammar on) for one song and for a batch.
+
+Usage: python benchmarks/generate.py [--preset paper] [--tokens 10000] [--threads 2] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+
+import numpy as np
+import torch
+
+from museformer.cache import Decoder
+from museformer.generate import SampleConfig, build_grammar, stream
+from museformer.model import Museformer, MuseformerConfig
+from museformer.structure import toy_song
+from museformer.tokenizer import Tokenizer
+from museformer.vocab import BOS_ID
+
+
+def made_up_song(tokens: int, vocab) -> torch.Tensor:
+    """A song of about 60 tokens per bar (20 notes), long enough for ``tokens``."""
+    song = toy_song(tokens // 40 + 2, vocab, seed=0, min_notes=10, max_notes=30)
+    return song[: tokens + 1]
+
+
+@torch.no_grad()
+def forward_time(model, song: torch.Tensor, length: int, repeats: int = 2) -> float:
+    """Seconds for one full forward over the first ``length`` tokens (best of ``repeats``)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(song[None, :length])
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@torch.no_grad()
+def cached_times(model, song: torch.Tensor, probes: list[int], window: int = 50) -> tuple[dict[int, float], float]:
+    """Teacher-force the whole song through the cache; per-token seconds around each probe length
+    (mean over ``window`` steps) and the total seconds for all steps."""
+    dec = Decoder(model)
+    start = time.perf_counter()
+    dec.prefill([song[:1]])
+    stamps = []
+    for t in range(1, len(song)):
+        dec.step(song[t : t + 1])
+        stamps.append(time.perf_counter())
+    total = stamps[-1] - start
+    stamps = np.array([start] + stamps)
+    per_token = {}
+    for p in probes:
+        lo, hi = max(p - window, 1), min(p, len(stamps) - 1)
+        per_token[p] = (stamps[hi] - stamps[lo]) / (hi - lo)
+    return per_token, total
+
+
+def sampling_rate(model, tokenizer, batch: int, tokens: int, seed: int = 0) -> float:
+    """Tokens per second of real sampling (top-k 8, grammar on, EOS forbidden), ``batch`` songs."""
+    cfg = SampleConfig(seed=seed, max_tokens=tokens, min_tokens=tokens)
+    grammar = build_grammar(tokenizer, cfg)
+    t = time.perf_counter()
+    n = sum(1 for _ in stream(model, [[] for _ in range(batch)], cfg, seeds=list(range(batch)), grammar=grammar))
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="paper")
+    ap.add_argument("--tokens", type=int, default=10000)
+    ap.add_argument("--probes", default="1000,2500,5000,7500,10000")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--sample-tokens", type=int, default=1000)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.preset("lmd6")
+    model = Museformer(MuseformerConfig.preset(args.preset)).eval()
+    song = made_up_song(args.tokens, model.vocab)
+    assert int(song[0]) == BOS_ID
+    probes = [int(p) for p in args.probes.split(",") if int(p) <= args.tokens]
+    print(f"# {datetime.date.today()}  {platform.processor() or platform.machine()}  torch {torch.__version__}  "
+          f"threads {args.threads}  preset {args.preset} ({model.num_parameters() / 1e6:.1f} M parameters)")
+
+    per_token, cached_total = cached_times(model, song, probes)
+    print("\n| prefix length | cache: ms/token | full forward (recompute): ms/token | speed-up |")
+    print("|---:|---:|---:|---:|")
+    forwards = {}
+    for p in probes:
+        forwards[p] = forward_time(model, song, p)
+        print(f"| {p:,} | {per_token[p] * 1e3:.2f} | {forwards[p] * 1e3:.0f} | {forwards[p] / per_token[p]:,.0f}x |")
+    # recompute total: integrate the measured forward times over every prefix length 1..N
+    xs = np.array([0] + probes, dtype=float)
+    ys = np.array([0.0] + [forwards[p] for p in probes])
+    recompute_total = float(np.interp(np.arange(1, args.tokens + 1), xs, ys).sum())
+    print(f"\nwhole {args.tokens:,}-token song: cache {cached_total:.1f} s (measured, "
+          f"{args.tokens / cached_total:.0f} tokens/s); full recompute ~{recompute_total / 3600:.2f} h "
+          f"(sum of forwards over all prefix lengths, interpolated from the measured ones); "
+          f"speed-up ~{recompute_total / cached_total:,.0f}x")
+
+    for batch in (1, args.batch):
+        rate = sampling_rate(model, tokenizer, batch, args.sample_tokens)
+        print(f"sampling (top-k 8, grammar on), batch {batch}: {rate:.0f} tokens/s "
+              f"({args.sample_tokens} tokens per song)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,595 @@
+"""Generating songs: sampling, prompts, stopping rules, batches and streaming.
+
+This module owns *what to sample* and *when to stop*; the incremental forward pass (the exact
+key/value + summary cache) lives in ``museformer.cache`` and the token grammar in
+``museformer.grammar``.
+
+- ``SampleConfig``: a frozen, validated description of one generation run (temperature, top-k,
+  top-p, seed, stopping rules, grammar constraints). Its JSON form goes into every song's sidecar.
+- ``sample_next(logits, ...)``: one pure, seeded sampling step (temperature 0 means argmax).
+- ``stream(...)``: a Python generator yielding ``(song_index, token_id)`` as tokens are produced,
+  for a batch of songs of different prompts and lengths; finished songs leave the batch.
+- ``generate(...)``: the Python API: songs (token ids, a ``symusic.Score`` and their metadata).
+- ``prompt_from_midi(path, tokenizer, bars)``: a user's MIDI as a prompt, cut to its first bars.
+
+Stopping rules, all counted over the whole song (prompt included, BOS excluded): EOS (forbidden
+before ``min_tokens`` tokens, the paper's 1,024), ``max_bars`` complete bars, ``max_tokens`` tokens.
+A song stopped by ``max_tokens`` is cut back to its last complete bar so that it decodes cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from museformer.errors import MuseformerError
+from museformer.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
+DEFAULT_TOP_K = 8  # the paper's setting
+DEFAULT_MIN_TOKENS = 1024  # the paper forbids EOS before 1,024 tokens
+DEFAULT_MAX_TOKENS = 20480  # the paper's --max-len-b
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SampleConfig:
+    """How to sample one generation run. Every field is JSON-native so the sidecar can hold it.
+
+    Attributes:
+        temperature: logits are divided by it; 0 means greedy (argmax).
+        top_k: keep the k most likely tokens (0 = off); the paper uses 8.
+        top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches p
+            (1.0 = off).
+        seed: base seed; song ``i`` of a run uses ``seed + i``, so a song does not depend on which
+            other songs share its batch (None = a random seed, recorded in the sidecar).
+        max_tokens: stop when the song (prompt included) has this many tokens.
+        max_bars: stop after this many complete bars (prompt included); None = no bar limit.
+        min_tokens: EOS is forbidden before the song has this many tokens (the paper: 1,024).
+        grammar: mask every step with the token grammar (guarantees songs that decode cleanly).
+        instruments: allowed MIDI programs (128 = drums) for newly generated notes; None = all.
+        tempo: fix the tempo (BPM) of generated bars; None = the model chooses.
+    """
+
+    temperature: float = 1.0
+    top_k: int = DEFAULT_TOP_K
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_bars: int | None = None
+    min_tokens: int = DEFAULT_MIN_TOKENS
+    grammar: bool = True
+    instruments: tuple[int, ...] | None = None
+    tempo: float | None = None
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise MuseformerError(f"invalid sampling option: {msg}")
+
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
+            bad(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            bad(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.max_bars is not None and (not isinstance(self.max_bars, int) or self.max_bars < 1):
+            bad(f"max_bars must be an integer >= 1, got {self.max_bars!r}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.instruments is not None:
+            programs = tuple(self.instruments)
+            if not programs or any(not isinstance(p, int) or not 0 <= p <= 128 for p in programs):
+                bad(f"instruments must be MIDI programs 0..127 or 128 (drums), got {self.instruments!r}")
+            object.__setattr__(self, "instruments", programs)
+        if self.tempo is not None and (not isinstance(self.tempo, (int, float)) or not self.tempo > 0):
+            bad(f"tempo must be a positive BPM, got {self.tempo!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["instruments"] is not None:
+            d["instruments"] = list(d["instruments"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SampleConfig:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise MuseformerError(f"unknown sampling option(s): {sorted(unknown)}")
+        d = dict(d)
+        if d.get("instruments") is not None:
+            d["instruments"] = tuple(d["instruments"])
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# one sampling step
+# ---------------------------------------------------------------------------------------------
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """Sample one token per row. Pure: the result depends only on the arguments.
+
+    Args:
+        logits: ``(B, V)``; ``-inf`` marks forbidden tokens (grammar, minimum length).
+        temperature: 0 means argmax.
+        top_k: keep the k largest logits per row (0 = off).
+        top_p: keep the smallest prefix of the sorted distribution reaching probability p.
+        generator: one generator for the whole batch, or one per row (then row i's draw depends
+            only on its own generator, so a song does not depend on its batch neighbours).
+
+    Returns:
+        ``(B,)`` int64 token ids.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly better tokens
+        drop_sorted = before >= top_p  # the first token always stays (before = 0 < top_p)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        probs = probs.masked_fill(drop, 0.0)
+    # Inverse-CDF sampling from one uniform draw per row: deterministic given the generator(s).
+    batch = logits.shape[0]
+    if generator is None or isinstance(generator, torch.Generator):
+        u = torch.rand(batch, generator=generator, dtype=torch.float64)
+    else:
+        if len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for a batch of {batch}")
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generator])
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
+    ids = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # guard against rounding at the top end and never pick a zero-probability token
+    ids = ids.clamp(max=logits.shape[-1] - 1)
+    picked_zero = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1) <= 0
+    if picked_zero.any():
+        ids = torch.where(picked_zero, probs.argmax(dim=-1), ids)
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+# ---------------------------------------------------------------------------------------------
+def truncate_bars(ids: Sequence[int], bars: int | None, bar_id: int) -> list[int]:
+    """The first ``bars`` bars of a token sequence (up to and including the ``bars``-th ``b-1``)."""
+    ids = [int(t) for t in ids]
+    if bars is None:
+        return ids
+    seen = 0
+    for i, t in enumerate(ids):
+        if t == bar_id:
+            seen += 1
+            if seen == bars:
+                return ids[: i + 1]
+    return ids
+
+
+def prompt_from_midi(path: str | os.PathLike, tokenizer, bars: int | None = None) -> list[int]:
+    """A user's MIDI file as prompt ids (no BOS), tokenised with the model's tokenizer options.
+
+    Args:
+        path: the MIDI file.
+        tokenizer: the model's ``Tokenizer`` (its options decide the tokens).
+        bars: keep only the first ``bars`` bars (None = the whole file).
+    """
+    if bars is not None and bars < 1:
+        raise MuseformerError(f"--prompt-bars must be >= 1, got {bars}")
+    ids = [int(t) for t in tokenizer.encode_file(path, as_ids=True)]
+    unknown = sum(1 for t in ids if t == UNK_ID)
+    if unknown:
+        raise MuseformerError(
+            f"prompt {path}: {unknown} token(s) are not in the model's vocabulary {tokenizer.vocab.name!r}"
+        )
+    ids = truncate_bars(ids, bars, tokenizer.vocab.bar_id)
+    if not ids:
+        raise MuseformerError(f"prompt {path}: no notes to continue")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoding loop
+# ---------------------------------------------------------------------------------------------
+def build_grammar(tokenizer, config: SampleConfig):
+    """The token grammar for a tokenizer with the config's constraints (None when disabled)."""
+    if not config.grammar:
+        return None
+    from museformer.grammar import Grammar, GrammarConstraints
+
+    constraints = GrammarConstraints(
+        instruments=config.instruments, tempo_bpm=config.tempo, max_bars=config.max_bars,
+        min_tokens=config.min_tokens,
+    )
+    return Grammar.for_tokenizer(tokenizer, constraints=constraints)
+
+
+def song_seeds(config: SampleConfig, num_songs: int) -> list[int]:
+    """Seed of every song of a run: ``seed + i``; a random base seed when the config has none."""
+    base = config.seed if config.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    return [base + i for i in range(num_songs)]
+
+
+def stream(
+    model,
+    prompts: Sequence[Sequence[int]],
+    config: SampleConfig,
+    *,
+    seeds: Sequence[int],
+    grammar=None,
+    recompute: bool = False,
+) -> Iterator[tuple[int, int, str | None]]:
+    """Generate a batch of songs together, yielding every token as soon as it is sampled.
+
+    Args:
+        model: a ``Museformer`` in eval mode.
+        prompts: one id list per song (without BOS; may be empty); songs may differ in length.
+        config: sampling and stopping rules.
+        seeds: one seed per song (its own random stream, independent of the other songs).
+        grammar: a ``Grammar`` whose masks are applied at every step (None = unconstrained).
+        recompute: re-run the whole prefix at every step instead of using the cache (what the
+            official code does; for tests and benchmarks only).
+
+    Yields:
+        ``(song, token, finish)``: the song's index in ``prompts``, the new token id (``EOS_ID``
+        when the song ends with EOS) and, on the song's last event, why it ended: ``"eos"``,
+        ``"bars"`` or ``"max_tokens"`` (else None). A prompt that already meets a stopping rule
+        yields one event with token ``-1``.
+    """
+    from museformer.cache import Decoder, RecomputeDecoder
+
+    vocab = model.vocab
+    bar_id = vocab.bar_id
+    prompts = [[int(t) for t in p] for p in prompts]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} songs")
+    lengths = [len(p) for p in prompts]
+    bars = [sum(1 for t in p if t == bar_id) for p in prompts]
+
+    def finished_by_rules(i: int) -> str | None:
+        if config.max_bars is not None and bars[i] >= config.max_bars:
+            return "bars"
+        if lengths[i] >= config.max_tokens:
+            return "max_tokens"
+        return None
+
+    active = []
+    for i in range(len(prompts)):
+        reason = finished_by_rules(i)
+        if reason is None:
+            active.append(i)
+        else:
+            yield i, -1, reason
+    if not active:
+        return
+    device = next(model.parameters()).device
+    generators = [torch.Generator().manual_seed(int(seeds[i])) for i in active]
+    longest = max(lengths[i] for i in active)
+    decoder = (RecomputeDecoder if recompute else Decoder)(model, capacity=min(longest + 1 + config.max_tokens, 4096))
+    logits = decoder.prefill([[BOS_ID] + prompts[i] for i in active])
+    state = None
+    if grammar is not None:
+        # prompts are checked for syntax; constraints (instruments, tempo) steer only new tokens
+        state = grammar.prefill(grammar.start(len(active), device), [prompts[i] for i in active], strict=False)
+    eos_column = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+    eos_column[EOS_ID] = True
+    never = torch.zeros_like(eos_column)
+    never[[0, PAD_ID, UNK_ID]] = True  # "<s>" is reserved, padding and unknown are not music
+    while active:
+        logits = logits.float().masked_fill(never, float("-inf"))
+        if state is not None:
+            logits = logits.masked_fill(~grammar.allowed(state), float("-inf"))
+        short = torch.tensor([lengths[i] < config.min_tokens for i in active], device=device)
+        logits = logits.masked_fill(short[:, None] & eos_column, float("-inf"))
+        stuck = torch.isinf(logits).all(dim=-1, keepdim=True)  # constraints left nothing: end the song
+        logits = logits.masked_fill(stuck & eos_column, 0.0)
+        next_ids = sample_next(logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+                               generator=generators).to(device)
+        if state is not None:
+            state = grammar.advance(state, next_ids)
+        keep = []
+        for row, (i, token) in enumerate(zip(active, next_ids.tolist())):
+            if token == EOS_ID:
+                yield i, token, "eos"
+                continue
+            lengths[i] += 1
+            bars[i] += token == bar_id
+            reason = finished_by_rules(i)
+            yield i, token, reason
+            if reason is None:
+                keep.append(row)
+        if len(keep) < len(active):
+            if not keep:
+                return
+            active = [active[r] for r in keep]
+            generators = [generators[r] for r in keep]
+            rows = torch.tensor(keep, device=device)
+            decoder.keep(rows)
+            next_ids = next_ids.index_select(0, rows)
+            if state is not None:
+                state = state.select(rows)
+        logits = decoder.step(next_ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# songs: the Python API
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Song:
+    """One generated song.
+
+    Attributes:
+        ids: the song's token ids (prompt included; no BOS, no EOS).
+        prompt_length: how many of ``ids`` came from the prompt.
+        finish: why it ended: ``"eos"``, ``"bars"`` or ``"max_tokens"``.
+        seed: the seed of its random stream (same model, options and seed -> same song).
+        score: the decoded ``symusic.Score``.
+        bars: complete bars (closed by ``b-1``).
+        skipped: tokens the decoder could not use (0 with grammar-constrained decoding).
+    """
+
+    ids: list[int]
+    prompt_length: int
+    finish: str
+    seed: int
+    score: Any = None
+    bars: int = 0
+    skipped: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.ids)
+
+
+def _as_model(model, tokenizer, checkpoint, device):
+    """(model, tokenizer, checkpoint dir or None) from what the caller gave."""
+    if model is not None:
+        if tokenizer is None:
+            raise MuseformerError("pass the model's tokenizer together with model=")
+        return model, tokenizer, None
+    from museformer.checkpoint import load
+
+    directory = Path(checkpoint) if checkpoint is not None else bundled_checkpoint()
+    model, tokenizer = load(directory, device=device)
+    return model, tokenizer, directory
+
+
+def bundled_checkpoint() -> Path:
+    """The default model shipped inside the package (``museformer/pretrained/default/``)."""
+    from importlib import resources
+
+    ref = resources.files("museformer") / "pretrained" / "default"
+    path = Path(str(ref))
+    if not (path / "model.safetensors").is_file():
+        raise MuseformerError("no bundled model in this install; pass --checkpoint DIR")
+    return path
+
+
+def generate(
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    model=None,
+    tokenizer=None,
+    num_songs: int = 1,
+    prompt: str | os.PathLike | Sequence[int] | None = None,
+    prompt_bars: int | None = None,
+    config: SampleConfig | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device = "cpu",
+    progress=None,
+    **options: Any,
+) -> list[Song]:
+    """Generate songs with a checkpoint (default: the bundled model) or a given model.
+
+    Args:
+        checkpoint: a checkpoint directory; None = the bundled model (unless ``model`` is given).
+        model, tokenizer: an already loaded model (eval mode) and its tokenizer.
+        num_songs: how many songs.
+        prompt: a MIDI file to continue, or prompt ids (no BOS); None = start from scratch.
+        prompt_bars: keep only the first bars of the prompt.
+        config: sampling options; keyword ``options`` override its fields
+            (e.g. ``generate(max_bars=16, seed=1)``).
+        batch_size: songs decoded together (default: all of them).
+        device: where the model runs (``"cpu"`` or ``"cuda"``).
+        progress: optional callable ``progress(song, token, finish)`` called for every event.
+
+    Returns:
+        the songs, in order; each has its ids, seed, finish reason and decoded score.
+    """
+    config = dataclasses.replace(config or SampleConfig(), **options) if options else (config or SampleConfig())
+    if num_songs < 1:
+        raise MuseformerError(f"number of songs must be >= 1, got {num_songs}")
+    batch_size = batch_size or num_songs
+    if batch_size < 1:
+        raise MuseformerError(f"batch size must be >= 1, got {batch_size}")
+    model, tokenizer, _ = _as_model(model, tokenizer, checkpoint, device)
+    model.eval()
+    if prompt is None:
+        prompt_ids: list[int] = []
+    elif isinstance(prompt, (str, os.PathLike)):
+        prompt_ids = prompt_from_midi(prompt, tokenizer, prompt_bars)
+    else:
+        prompt_ids = truncate_bars(prompt, prompt_bars, tokenizer.vocab.bar_id)
+        if prompt_ids and prompt_ids[0] == BOS_ID:
+            prompt_ids = prompt_ids[1:]
+    grammar = build_grammar(tokenizer, config)
+    seeds = song_seeds(config, num_songs)
+    songs: list[Song] = []
+    for start in range(0, num_songs, batch_size):
+        count = min(batch_size, num_songs - start)
+        ids = [list(prompt_ids) for _ in range(count)]
+        finish: list[str | None] = [None] * count
+        for i, token, reason in stream(model, ids, config, seeds=seeds[start:start + count], grammar=grammar):
+            if token >= 0 and token != EOS_ID:
+                ids[i].append(token)
+            if reason is not None:
+                finish[i] = reason
+            if progress is not None:
+                progress(start + i, token, reason)
+        for i in range(count):
+            song_ids = ids[i]
+            if finish[i] == "max_tokens":
+                song_ids = _cut_to_last_bar(song_ids, tokenizer.vocab.bar_id, len(prompt_ids))
+            score, report = tokenizer.decode_with_report(song_ids)
+            n_bars = sum(1 for t in song_ids if t == tokenizer.vocab.bar_id)
+            songs.append(Song(song_ids, len(prompt_ids), finish[i], seeds[start + i], score, n_bars, report.skipped))
+    return songs
+
+
+def _cut_to_last_bar(ids: list[int], bar_id: int, keep_at_least: int) -> list[int]:
+    """Drop an unfinished last bar (but never prompt tokens)."""
+    for i in range(len(ids) - 1, keep_at_least - 1, -1):
+        if ids[i] == bar_id:
+            return ids[: i + 1]
+    return ids[:keep_at_least] if keep_at_least else ids
+
+
+# ---------------------------------------------------------------------------------------------
+# writing songs to a folder
+# ---------------------------------------------------------------------------------------------
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (checkpoint weights, prompt MIDI)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_song(song: Song, out_dir: str | os.PathLike, name: str, *, metadata: dict[str, Any],
+              render: bool = False, soundfont: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Write one song: ``NAME.mid``, ``NAME.json`` (how to reproduce it) and, with ``render``,
+    ``NAME.png`` (piano roll) and ``NAME.wav``. Every file is written atomically.
+
+    Rendering problems (no matplotlib, no FluidSynth or soundfont) never cost the MIDI file: they
+    are returned under ``"render_errors"`` (and recorded in the sidecar).
+
+    Returns:
+        the sidecar dict that was written.
+    """
+    from museformer.files import atomic_path, write_text_atomic
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    midi = out / f"{name}.mid"
+    with atomic_path(midi) as tmp:
+        song.score.dump_midi(str(tmp))
+    sidecar = {
+        **metadata,
+        "midi": midi.name,
+        "seed": song.seed,
+        "num_tokens": song.num_tokens,
+        "prompt_tokens": song.prompt_length,
+        "generated_tokens": song.num_tokens - song.prompt_length,
+        "bars": song.bars,
+        "finish": song.finish,
+        "skipped_tokens": song.skipped,
+        "render_errors": [],
+    }
+    if render:
+        from museformer.render import piano_roll, render_audio
+
+        for what, call in (("png", lambda: piano_roll(song.score, out / f"{name}.png")),
+                           ("wav", lambda: render_audio(song.score, out / f"{name}.wav", soundfont=soundfont))):
+            try:
+                call()
+                sidecar[what] = f"{name}.{what}"
+            except MuseformerError as e:
+                sidecar["render_errors"].append(f"{what}: {e}")
+    write_text_atomic(out / f"{name}.json", json.dumps(sidecar, indent=2) + "\n")
+    return sidecar
+
+
+def generate_to_folder(
+    out_dir: str | os.PathLike,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    num_songs: int = 1,
+    prompt: str | os.PathLike | None = None,
+    prompt_bars: int | None = None,
+    config: SampleConfig | None = None,
+    batch_size: int | None = None,
+    device: str = "cpu",
+    render: bool = False,
+    soundfont: str | os.PathLike | None = None,
+    threads: int | None = None,
+    log=None,
+) -> list[dict[str, Any]]:
+    """What ``museformer generate`` does: generate songs and write them with their sidecars.
+
+    Songs are named ``song_000.mid``, ``song_001.mid``, ... (continuing after the highest existing
+    number, so a second run never overwrites the first). Returns the sidecars.
+    """
+    import platform
+
+    from museformer import __version__
+
+    config = config or SampleConfig()
+    if threads is not None:
+        if threads < 1:
+            raise MuseformerError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    if prompt_bars is not None and prompt is None:
+        raise MuseformerError("--prompt-bars needs --prompt MIDI")
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise MuseformerError(f"--device must be cpu or cuda, got {device!r}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise MuseformerError("--device cuda: no CUDA GPU is available to this PyTorch")
+    model, tokenizer, directory = _as_model(None, None, checkpoint, device)
+    if config.seed is None:  # fix the seed now so the sidecars can name it
+        config = dataclasses.replace(config, seed=song_seeds(config, 1)[0])
+    songs = generate(model=model, tokenizer=tokenizer, num_songs=num_songs, prompt=prompt, prompt_bars=prompt_bars,
+                     config=config, batch_size=batch_size, device=device)
+    out = Path(out_dir)
+    first = 1 + max((int(p.stem[5:]) for p in out.glob("song_*.mid") if p.stem[5:].isdigit()), default=-1)
+    metadata = {
+        "museformer_version": __version__,
+        "checkpoint": str(directory),
+        "checkpoint_sha256": file_sha256(directory / "model.safetensors"),
+        "options": config.to_dict(),
+        "num_songs": num_songs,
+        "batch_size": batch_size or num_songs,
+        "prompt": None if prompt is None else str(prompt),
+        "prompt_sha256": None if prompt is None else file_sha256(prompt),
+        "prompt_bars": prompt_bars,
+        "device": str(device),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+    }
+    sidecars = []
+    for k, song in enumerate(songs):
+        name = f"song_{first + k:03d}"
+        sidecar = save_song(song, out, name, metadata={**metadata, "song_index": k}, render=render,
+                            soundfont=soundfont)
+        sidecars.append(sidecar)
+        if log is not None:
+            log(f"{out / sidecar['midi']}: {song.num_tokens} tokens, {sidecar['bars']} bars ({song.finish})")
+            for problem in sidecar["render_errors"]:
+                log(f"  not rendered: {problem}")
+    return sidecars
+

@@ -1,0 +1,149 @@
+"""The incremental decoder is exact: cached logits equal a full forward's at every step."""
+
+import pytest
+import torch
+
+from museformer.cache import Decoder, FCCache, RecomputeDecoder
+from museformer.model import Museformer, MuseformerConfig
+from museformer.structure import AttentionPattern, SlotKind, toy_song
+from museformer.vocab import BOS_ID, Vocab
+
+VOCAB = Vocab.builtin("lmd6remi")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one thread avoids OpenMP spin-waiting on a busy 2-core machine (10-100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(pattern: AttentionPattern, seed: int = 0) -> Museformer:
+    torch.manual_seed(seed)
+    model = Museformer(MuseformerConfig.preset("tiny", pattern=pattern)).eval()
+    # give the summary-specific weights some size so a wrong summary would show in the logits
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.attention.has_summaries:
+                layer.attention.summary_bias.normal_(0, 0.5)
+            layer.attention.regular_bias.normal_(0, 0.5)
+    return model
+
+
+def _decode_and_compare(model, songs, prompt_lengths, capacity, check_prefix_every=0, **options):
+    """Teacher-force ``songs`` through a Decoder (batched, songs leave when done); compare to forward."""
+    full = [model(s[None])[0] for s in songs]  # (T, V) each; the model is causal
+    dec = Decoder(model, capacity=capacity, **options)
+    logits = dec.prefill([s[:p] for s, p in zip(songs, prompt_lengths)])
+    for i, p in enumerate(prompt_lengths):
+        torch.testing.assert_close(logits[i], full[i][p - 1], rtol=1e-5, atol=1e-5)
+    pos, active, steps, capacities = list(prompt_lengths), list(range(len(songs))), 0, set()
+    while active:
+        logits = dec.step(torch.stack([songs[i][pos[i]] for i in active]))
+        for row, i in enumerate(active):
+            torch.testing.assert_close(logits[row], full[i][pos[i]], rtol=1e-5, atol=1e-5)
+            if check_prefix_every and pos[i] % check_prefix_every == 0:
+                prefix = model(songs[i][None, : pos[i] + 1])[0, -1]  # a full forward of this very prefix
+                torch.testing.assert_close(logits[row], prefix, rtol=1e-5, atol=1e-5)
+            pos[i] += 1
+        steps += 1
+        keep = [row for row, i in enumerate(active) if pos[i] < len(songs[i])]
+        if len(keep) < len(active):
+            dec.keep(keep)
+            active = [active[row] for row in keep]
+        capacities.add(dec.cache.capacity if active else 0)
+    return dec, steps, capacities
+
+
+@pytest.mark.parametrize("gather_below", [0, 1e9], ids=["gather-read-slots", "stream-all-slots"])
+def test_exact_every_step_short_offsets_batch_prompts_and_eviction(gather_below):
+    """Fine offsets (1, 2, 4), 45 bars, 3 songs of different prompts and lengths: equal logits at every
+    step (both ways of reading the slots), while old regular slots are evicted and the buffer grows."""
+    model = _model(AttentionPattern(fine_offsets=(1, 2, 4)))
+    songs = [toy_song(n, VOCAB, seed=n, max_notes=2) for n in (45, 20, 33)]
+    dec, steps, capacities = _decode_and_compare(model, songs, [1, 37, 9], capacity=24, check_prefix_every=7,
+                                                 gather_below=gather_below)
+    assert steps == max(len(s) for s in songs) - 1
+    assert dec.evicted > 0  # dead slots were dropped ...
+    assert len(capacities - {0}) >= 1
+
+
+def test_exact_every_step_default_offsets_past_32_bars():
+    """The paper's offsets (1..32): a 60-bar song plus a shorter one stay exact at every step."""
+    model = _model(AttentionPattern())
+    songs = [toy_song(60, VOCAB, seed=3, max_notes=1), toy_song(36, VOCAB, seed=4, max_notes=1)]
+    dec, _, capacities = _decode_and_compare(model, songs, [1, 15], capacity=16, gather_below=0)
+    assert max(capacities) > 16  # it grew
+    assert dec.evicted > 0
+
+
+@pytest.mark.parametrize(
+    "pattern", [AttentionPattern(fine_offsets=(1, 2), summary_tokens=0), AttentionPattern.full()], ids=["fine-only", "full"]
+)
+def test_exact_other_patterns(pattern):
+    """Fine-only and full (dense baseline) patterns decode exactly too."""
+    model = _model(pattern)
+    songs = [toy_song(12, VOCAB, seed=5, max_notes=2), toy_song(7, VOCAB, seed=6)]
+    _decode_and_compare(model, songs, [3, 1], capacity=16)
+
+
+def test_prefill_with_incomplete_last_bar_and_padding_tensor():
+    """A right-padded prompt tensor whose last bar is open prefills to the same logits as forward."""
+    model = _model(AttentionPattern(fine_offsets=(1, 2, 4)))
+    a = toy_song(9, VOCAB, seed=1, incomplete_last=True)
+    b = toy_song(3, VOCAB, seed=2)
+    ids = torch.nn.utils.rnn.pad_sequence([a, b], batch_first=True, padding_value=1)
+    logits = Decoder(model).prefill(ids)
+    torch.testing.assert_close(logits[0], model(a[None])[0, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[1], model(b[None])[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_summary_slots_hold_bar_summaries():
+    """After decoding, one SUMMARY slot per complete bar exists, at the position of its b-1."""
+    model = _model(AttentionPattern())
+    song = toy_song(5, VOCAB, seed=8)
+    dec = Decoder(model)
+    dec.prefill([song[:1]])
+    for t in range(1, len(song)):
+        dec.step(song[t : t + 1])
+    kinds, bars, pos = dec.cache.kind[0], dec.cache.bar[0], dec.cache.pos[0]
+    summary = kinds == SlotKind.SUMMARY
+    assert bars[summary].tolist() == [1, 2, 3, 4, 5]
+    ends = torch.nonzero(song == VOCAB.bar_id).flatten()
+    assert pos[summary].tolist() == ends.tolist()
+    assert int((kinds == SlotKind.PREFIX).sum()) == 1 and int(dec.cache.used[0]) == len(song) + 5
+
+
+def test_evict_keeps_live_slots_in_order():
+    """FCCache.evict drops only regular slots older than the farthest fine bar and keeps order."""
+    cache = FCCache.empty(1, 1, 1, 1, 8, torch.device("cpu"), torch.float32)
+    kinds = [SlotKind.PREFIX, SlotKind.REGULAR, SlotKind.REGULAR, SlotKind.SUMMARY, SlotKind.REGULAR, SlotKind.REGULAR]
+    cache.kind[0, :6] = torch.tensor([int(k) for k in kinds])
+    cache.bar[0, :6] = torch.tensor([0, 1, 1, 1, 2, 5])
+    cache.pos[0, :6] = torch.arange(6)
+    cache.keys[0, 0, :6, 0, 0] = torch.arange(6.0)
+    cache.used[0] = 6
+    assert cache.evict(torch.tensor([6]), farthest_fine=4) == 2  # bar 1 (6 - 4 = 2 > 1) is dead
+    assert cache.used.tolist() == [4]
+    assert cache.keys[0, 0, :4, 0, 0].tolist() == [0.0, 3.0, 4.0, 5.0]
+    assert cache.bar[0, :4].tolist() == [0, 1, 2, 5] and cache.kind[0, 4:].eq(SlotKind.PAD).all()
+
+
+def test_recompute_decoder_matches_cached_decoder():
+    """The reference full-recompute decoder gives the same logits as the cache."""
+    model = _model(AttentionPattern(fine_offsets=(1, 2)))
+    song = toy_song(6, VOCAB, seed=9)
+    cached, slow = Decoder(model), RecomputeDecoder(model)
+    torch.testing.assert_close(cached.prefill([song[:4]]), slow.prefill([song[:4]]), rtol=1e-5, atol=1e-5)
+    for t in range(4, len(song)):
+        torch.testing.assert_close(cached.step(song[t : t + 1]), slow.step(song[t : t + 1]), rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_refuses_training_mode():
+    """Dropout would make decoding inexact, so a model in training mode is refused."""
+    model = Museformer(MuseformerConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="eval"):
+        Decoder(model.train())
+    assert BOS_ID == 2
