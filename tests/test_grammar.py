@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import zlib
+
 import pytest
 import torch
 
@@ -76,11 +78,13 @@ def test_random_constrained_walks_are_valid_and_decode_without_skips(vocab, enco
     """Thousands of sampled steps: every row always has a choice, validates, and decodes with 0 skips."""
     grammar = Grammar(vocab, encoding, ignore_ts, sort)
     tok = Tokenizer(encoding=encoding, ignore_ts=ignore_ts, sort_insts=sort, vocab=vocab)
-    tokens, state = walk(grammar, batch=12, steps=250, seed=hash((vocab, encoding, ignore_ts, sort)) % 1000)
+    tokens, state = walk(grammar, batch=12, steps=250, seed=zlib.crc32(repr((vocab, encoding, ignore_ts, sort)).encode()) % 1000)
     assert not state.violated.any()
     for row in tokens.tolist():
         assert grammar.validate(row, complete=False) == []
         song = until_last_bar(row, grammar.vocab.bar_id)
+        if not song:  # a row still inside its first bar: already checked as a prefix above
+            continue
         assert grammar.validate(song) == []
         _, report = tok.decode_with_report(song)
         assert report.skipped == 0, report.reasons

@@ -211,11 +211,9 @@ class Tokenizer:
         self.vocab = Vocab.builtin(self.config.vocab)
         # flat token table index -> vocabulary id (UNK where the vocabulary lacks the token)
         self._text_to_id = self.vocab.encode(list(_TEXT))
-        if "i-32" not in self.vocab and "i-43" in self.vocab:
-            # The official 6tracks order accepts program 32 as bass, but the lmd6remi vocabulary has
-            # no i-32: as ids it becomes the bass the vocabulary has (i-43), never <unk>. The token
-            # text stays identical to the official encoder's.
-            self._text_to_id[_TEXT == "i-32"] = self.vocab.token_to_id("i-43")
+        # The official 6tracks order accepts program 32 as bass, but the lmd6remi vocabulary has no
+        # i-32: with it, program 32 joins the bass the vocabulary has (43) instead of becoming <unk>.
+        self._keep_program_32 = "i-32" in self.vocab
 
     @classmethod
     def preset(cls, name: str) -> Tokenizer:
@@ -249,7 +247,9 @@ class Tokenizer:
         if score.ticks_per_quarter <= 0:
             raise MuseformerError(f"{name}: invalid ticks per quarter {score.ticks_per_quarter}")
         tpq = score.ticks_per_quarter
-        starts, ends, pitches, velocities, insts, tracks = _collect_notes(score, cfg.sort_insts == "6tracks")
+        starts, ends, pitches, velocities, insts, tracks = _collect_notes(
+            score, cfg.sort_insts == "6tracks", self._keep_program_32
+        )
         if len(starts) == 0:
             raise MuseformerError(f"{name}: the MIDI file has no notes")
         if starts.min() < 0:
@@ -422,7 +422,7 @@ def _to_pos(ticks: np.ndarray, tpq: int) -> np.ndarray:
     return np.rint(ticks.astype(np.int64) * POSITIONS_PER_QUARTER / tpq).astype(np.int64)
 
 
-def _collect_notes(score: symusic.Score, six_tracks: bool):
+def _collect_notes(score: symusic.Score, six_tracks: bool, keep_program_32: bool = True):
     """All notes of all tracks as flat arrays (start, end, pitch, velocity, instrument, track)."""
     cols: list[list[np.ndarray]] = [[], [], [], [], [], []]
     for index, track in enumerate(score.tracks):
@@ -433,6 +433,8 @@ def _collect_notes(score: symusic.Score, six_tracks: bool):
         inst = DRUMS if track.is_drum else int(track.program)
         if six_tracks:
             inst = six_track_program(inst, track.is_drum)
+            if inst == 32 and not keep_program_32:
+                inst = 43
         start = a["time"].astype(np.int64)
         cols[0].append(start)
         cols[1].append(start + a["duration"].astype(np.int64))
