@@ -144,7 +144,8 @@ def sample_next(
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    if temperature != 1.0:  # x / 1.0 == x exactly: skip the op
+        logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -162,7 +163,8 @@ def sample_next(
     else:
         if len(generator) != batch:
             raise ValueError(f"{len(generator)} generators for a batch of {batch}")
-        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generator])
+        draws = [torch.rand(1, generator=g, dtype=torch.float64) for g in generator]
+        u = draws[0] if batch == 1 else torch.cat(draws)
     cdf = torch.cumsum(probs.double(), dim=-1)
     target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
     ids = torch.searchsorted(cdf, target, right=True).squeeze(-1)
@@ -296,18 +298,19 @@ def stream(
     if grammar is not None:
         # prompts are checked for syntax; constraints (instruments, tempo) steer only new tokens
         state = grammar.prefill(grammar.start(len(active), device), [prompts[i] for i in active], strict=False)
-    eos_column = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
-    eos_column[EOS_ID] = True
-    never = torch.zeros_like(eos_column)
+    never = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
     never[[0, PAD_ID, UNK_ID]] = True  # "<s>" is reserved, padding and unknown are not music
     while active:
-        logits = logits.float().masked_fill(never, float("-inf"))
-        if state is not None:
-            logits = logits.masked_fill(~grammar.allowed(state), float("-inf"))
-        short = torch.tensor([lengths[i] < config.min_tokens for i in active], device=device)
-        logits = logits.masked_fill(short[:, None] & eos_column, float("-inf"))
-        stuck = torch.isinf(logits).all(dim=-1, keepdim=True)  # constraints left nothing: end the song
-        logits = logits.masked_fill(stuck & eos_column, 0.0)
+        # one mask of every forbidden token (fewer tensor ops per step: this loop runs per token)
+        forbid = never.repeat(len(active), 1) if state is None else ~grammar.allowed(state)  # (B, V)
+        forbid |= never
+        short = [row for row, i in enumerate(active) if lengths[i] < config.min_tokens]
+        if short:
+            forbid[short, EOS_ID] = True
+        logits = logits.float().masked_fill(forbid, float("-inf"))
+        stuck = torch.isinf(logits).all(dim=-1)  # constraints left nothing: end the song
+        if bool(stuck.any()):
+            logits[stuck, EOS_ID] = 0.0
         next_ids = sample_next(logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
                                generator=generators).to(device)
         if state is not None:

@@ -29,6 +29,11 @@ Two implementations of one machine, held equal by the tests:
 - a scalar one on Python ints (``validate``, ``prefill``), fast for long single sequences and able
   to say *why* a token is wrong.
 
+For a batch of one (generating one song), ``allowed`` / ``advance`` take the scalar machine's
+path: ``advance`` steps a Python cursor, and ``allowed`` looks up the mask of the cursor's situation
+(phase, the bounds of the kinds that phase accepts, partner instrument), computed once by the
+tensor machine; same results, a few tensor ops per token instead of ~100.
+
 It knows nothing about MIDI or the model; ids and kinds come from ``museformer.vocab``.
 """
 
@@ -323,6 +328,11 @@ class Grammar:
         self.constraints = constraints
         self._build_tables(kinds, values)
         self._device_tables: dict[torch.device, dict[str, torch.Tensor]] = {}
+        # one-sequence fast path (generating one song): allowed masks by what decides them, and the
+        # last state seen with its cursor (states are immutable, so identity is a safe key)
+        self._one_masks: dict[tuple, torch.Tensor] = {}
+        self._one_last: tuple[GrammarState, _Cursor] | None = None
+        self._state_fields = tuple(f.name for f in fields(GrammarState))
 
     @classmethod
     def for_tokenizer(cls, tokenizer, constraints: GrammarConstraints | None = None) -> Grammar:
@@ -547,6 +557,72 @@ class Grammar:
 
     def allowed(self, state: GrammarState) -> torch.Tensor:
         """Bool ``(B, V)``: the tokens each sequence may take next. Every row has at least one."""
+        if state.phase.shape[0] == 1:
+            return self._allowed_one(state)
+        return self._allowed_batch(state)
+
+    # -- one sequence: Python ints and a mask per distinct situation --------------------------
+    # Generating one song calls allowed/advance once per token; on a batch of one, the tensor
+    # machine's ~100 tiny ops cost more than the scalar machine (which the tests hold equal to it).
+    _ONE_MASKS_MAX = 1 << 14  # distinct situations remembered (a few thousand in a long song)
+
+    def _cursor_one(self, state: GrammarState) -> _Cursor:
+        last = self._one_last
+        if last is not None and last[0] is state:
+            return last[1]
+        cur = self._cursor_of(state, 0)
+        self._one_last = (state, cur)
+        return cur
+
+    def _allowed_one(self, state: GrammarState) -> torch.Tensor:
+        cur = self._cursor_one(state)
+        # the mask depends only on the phase, the bounds of the kinds that phase accepts, and the
+        # partner instrument; equal situations share one mask
+        kinds = self._phase_kinds[Phase(cur.phase)]
+        bounds = tuple(self._cursor_bounds(cur, k) for k in kinds)
+        partner = cur.inst_partner if self._has_partners else -1
+        key = (state.phase.device, cur.phase, partner, bounds)
+        mask = self._one_masks.get(key)
+        if mask is None:
+            if len(self._one_masks) >= self._ONE_MASKS_MAX:
+                self._one_masks.clear()
+            # allowed()'s formula on numpy with the cursor's bounds (kinds outside the phase are
+            # masked by the phase anyway)
+            t = self._np
+            low = np.zeros(_N_KINDS, dtype=np.int64)
+            high = np.full(_N_KINDS, _BIG, dtype=np.int64)
+            for k, (lo, hi) in zip(kinds, bounds):
+                low[k], high[k] = lo, hi
+            in_phase = t["phase_mask"][cur.phase]
+            in_bounds = (t["key"] >= low[t["kinds"]]) & (t["key"] <= high[t["kinds"]])
+            if partner >= 0:
+                in_bounds[partner] = True
+            mask = torch.from_numpy(in_phase & in_bounds)[None].to(state.phase.device)
+            self._one_masks[key] = mask
+        return mask.clone()
+
+    def _advance_one(self, state: GrammarState, token: int, strict: bool, active: bool) -> GrammarState:
+        cur = self._cursor_one(state)
+        if not active:
+            return state
+        ok = self._cursor_allows(cur, token)
+        if strict and not ok:
+            raise MuseformerError(
+                f"sequence 0: token {self._text(token)} is not allowed: {self._why(cur, token)}"
+            )
+        new = _Cursor(**cur.__dict__)
+        self._cursor_step(new, token)
+        new.violated = cur.violated or not ok
+        # one tensor for all fields (views of it): a handful of ops instead of one per field
+        names = self._state_fields
+        packed = torch.tensor([int(getattr(new, n)) for n in names], device=state.phase.device).view(-1, 1).unbind(0)
+        columns = dict(zip(names, packed))
+        columns["drum"], columns["violated"] = columns["drum"].bool(), columns["violated"].bool()
+        out = GrammarState(**columns)
+        self._one_last = (out, new)
+        return out
+
+    def _allowed_batch(self, state: GrammarState) -> torch.Tensor:
         t = self._tables(state.phase.device)
         low, high = self._bounds(state)
         kinds, key = t["kinds"], t["key"]
@@ -584,8 +660,10 @@ class Grammar:
                 ``violated`` set and a best-effort transition.
             active: optional bool ``(B,)``; rows where it is False keep their state (e.g. padding).
         """
-        t = self._tables(state.phase.device)
         tok = torch.as_tensor(token_ids, device=state.phase.device).long().reshape(-1)
+        if tok.shape[0] == 1 and state.phase.shape[0] == 1:
+            return self._advance_one(state, int(tok[0]), strict, active is None or bool(active.reshape(-1)[0]))
+        t = self._tables(state.phase.device)
         ok = self.is_allowed(state, tok)
         if active is not None:
             ok = ok | ~active
