@@ -344,3 +344,24 @@ def test_state_select_and_device_tables():
     assert picked.batch_size == 3 and picked.phase.tolist() == [state.phase[i].item() for i in (2, 2, 0)]
     resumed = LMD.state_of(tokens[2])
     assert LMD.allowed(resumed)[0].tolist() == LMD.allowed(state)[2].tolist()
+
+
+@pytest.mark.parametrize("vocab,encoding,ignore_ts,sort", SETTINGS[:4])
+def test_single_song_fast_path_equals_batched_path(vocab, encoding, ignore_ts, sort):
+    """A batch of one (the cached fast path) allows and flags exactly what a batch of two does."""
+    grammar = Grammar(vocab, encoding, ignore_ts, sort, constraints=GrammarConstraints(max_bars=6))
+    gen = torch.Generator().manual_seed(7)
+    one, two = grammar.start(1), grammar.start(2)
+    for step in range(600):
+        allowed_one, allowed_two = grammar.allowed(one), grammar.allowed(two)
+        assert torch.equal(allowed_one[0], allowed_two[0]) and torch.equal(allowed_two[0], allowed_two[1])
+        if step % 50 == 49:  # now and then force a token the grammar forbids: both paths must flag it
+            tok = torch.nonzero(~allowed_one[0]).flatten()[:1]
+        else:
+            choices = torch.nonzero(allowed_one[0]).flatten()
+            tok = choices[torch.randint(len(choices), (1,), generator=gen)]
+        one = grammar.advance(one, tok)
+        two = grammar.advance(two, tok.repeat(2))
+        assert bool(one.violated[0]) == bool(two.violated[0]) == bool(two.violated[1])
+        if bool(one.violated[0]) or bool(one.finished[0]):
+            one, two = grammar.start(1), grammar.start(2)
