@@ -11,13 +11,7 @@ from museformer.vocab import BOS_ID, Vocab
 VOCAB = Vocab.builtin("lmd6remi")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waiting on a busy 2-core machine (10-100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(pattern: AttentionPattern, seed: int = 0) -> Museformer:

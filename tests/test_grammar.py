@@ -38,13 +38,7 @@ SETTINGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny per-step tensors: intra-op threads only add overhead (a lot on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def walk(grammar: Grammar, batch: int, steps: int, seed: int, state=None, eos_boost: float = 0.0):
