@@ -222,3 +222,7 @@ def test_auto_backend_choice():
     with torch.no_grad():
         assert isinstance(backend.prepare(short, pattern).regular, DenseStepMask)
         assert isinstance(backend.prepare(long, pattern).regular, fc_blocks.FlexRegularStep)
+    # on CUDA: flex, except for training with attention dropout, which flex does not have
+    assert backend.use_flex(on_cuda=True, grad=True, tokens=64)
+    assert not AutoBackend(attention_dropout=0.1).use_flex(on_cuda=True, grad=True, tokens=64)
+    assert AutoBackend(attention_dropout=0.1).use_flex(on_cuda=True, grad=False, tokens=64)

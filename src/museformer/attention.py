@@ -102,14 +102,21 @@ class AutoBackend:
     # (docs/benchmarks.md, "Fast attention")
     cpu_flex_min_tokens = 4096
 
-    def __init__(self) -> None:
+    def __init__(self, attention_dropout: float = 0.0) -> None:
         self.dense, self.flex = DenseBackend(), FlexBackend()
+        self.attention_dropout = attention_dropout
+
+    def use_flex(self, on_cuda: bool, grad: bool, tokens: int) -> bool:
+        """Flex on CUDA unless training needs attention dropout (flex has none); on CPU only
+        without gradients (flex has no CPU backward) and for long songs."""
+        if on_cuda:
+            return not (grad and self.attention_dropout > 0)
+        return not grad and tokens >= self.cpu_flex_min_tokens
 
     def prepare(self, layout: BarLayout, pattern: AttentionPattern):
-        """Flex on CUDA; on CPU only without gradients (flex has no CPU backward) for long songs."""
-        on_cuda = layout.token_kind.is_cuda
-        long_inference = not torch.is_grad_enabled() and layout.token_kind.shape[-1] >= self.cpu_flex_min_tokens
-        return (self.flex if on_cuda or long_inference else self.dense).prepare(layout, pattern)
+        """The masks of whichever backend ``use_flex`` picks for this batch."""
+        flex = self.use_flex(layout.token_kind.is_cuda, torch.is_grad_enabled(), layout.token_kind.shape[-1])
+        return (self.flex if flex else self.dense).prepare(layout, pattern)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float) -> torch.Tensor:
         """Whichever backend prepared ``mask`` computes the step."""
@@ -120,11 +127,14 @@ class AutoBackend:
 BACKENDS = {"dense": DenseBackend, "flex": FlexBackend, "auto": AutoBackend}
 
 
-def get_backend(name: str):
-    """A backend instance by its config name (``MuseformerConfig.attention_backend``)."""
+def get_backend(name: str, attention_dropout: float = 0.0):
+    """A backend instance by its config name (``MuseformerConfig.attention_backend``).
+
+    ``attention_dropout`` lets ``"auto"`` keep the dense path where training needs dropout.
+    """
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(BACKENDS)}")
-    return BACKENDS[name]()
+    return AutoBackend(attention_dropout) if name == "auto" else BACKENDS[name]()
 
 
 # =============================================================================================

@@ -254,7 +254,7 @@ class Museformer(nn.Module):
             raise ValueError(f"vocabulary {vocab.name!r} has {len(vocab)} ids but config.vocab_size is {config.vocab_size}")
         self.config = config
         self.vocab = vocab
-        self.backend = get_backend(config.attention_backend)
+        self.backend = get_backend(config.attention_backend, config.attention_dropout)
         self.embed = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config, self.backend) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.d_model)
