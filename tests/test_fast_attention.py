@@ -133,6 +133,13 @@ def test_layout_build_never_makes_a_dense_mask():
     assert table_bytes < 100_000 * 100_000 // 100
 
 
+def dense_summarise(sq, sk, sv, k, v, summary_mask):
+    """The reference summarisation: SDPA over [summaries, regular tokens] with the dense mask."""
+    return F.scaled_dot_product_attention(
+        sq, torch.cat([sk, k], 2), torch.cat([sv, v], 2), attn_mask=summary_mask[:, None]
+    )
+
+
 def test_segment_summarise_equals_dense():
     """The segment softmax of the summarisation step equals SDPA with the dense summary mask."""
     pattern = AttentionPattern()
@@ -144,7 +151,7 @@ def test_segment_summarise_equals_dense():
         sq, sk, sv = (torch.randn(B, H, S, D, generator=g) for _ in range(3))
         k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(2))
         got = fc_blocks.summarise(sq, sk, sv, k, v, layout)
-        want = F.scaled_dot_product_attention(sq, torch.cat([sk, k], 2), torch.cat([sv, v], 2), attn_mask=summary_mask[:, None])
+        want = dense_summarise(sq, sk, sv, k, v, summary_mask)
         real = layout.summary_kind == SlotKind.SUMMARY
         torch.testing.assert_close(got.transpose(1, 2)[real], want.transpose(1, 2)[real])
 
@@ -163,7 +170,7 @@ def test_segment_summarise_gradients_equal_dense():
     for x in inputs:
         x.grad = None
     sq, sk, sv, k, v = inputs
-    want = F.scaled_dot_product_attention(sq, torch.cat([sk, k], 2), torch.cat([sv, v], 2), attn_mask=summary_mask[:, None])
+    want = dense_summarise(sq, sk, sv, k, v, summary_mask)
     (want * weight).sum().backward()
     for a, x in zip(got, inputs):
         torch.testing.assert_close(a, x.grad)
