@@ -116,3 +116,113 @@ def test_unknown_config_keys_and_missing_files(saved, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MuseformerError, match="config.json: missing"):
         load(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# weights that lie, configs that do not belong, byte-stable files, run folders
+# ---------------------------------------------------------------------------------------------
+def _write_raw_weights(directory, state, metadata=None):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / WEIGHTS_FILE), metadata=metadata)
+
+
+def test_config_that_does_not_belong_to_the_weights_is_refused(saved):
+    """A config.json edited after saving (same shapes, other n_heads) is refused, naming the key."""
+    directory, _, _ = saved
+    config = json.loads((directory / CONFIG_FILE).read_text())
+    assert config["model"]["n_heads"] != 1
+    config["model"]["n_heads"] = 1
+    (directory / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(MuseformerError, match=r"config\.json does not belong to .*n_heads"):
+        load(directory)
+
+
+def test_old_checkpoint_without_stored_config_still_loads(saved):
+    """Weights saved before the config was stored in their metadata load as before."""
+    directory, model, _ = saved
+    _write_raw_weights(directory, model.state_dict(), {"format": "pt"})
+    loaded, _ = load(directory)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "int"])
+def test_non_finite_or_integer_weights_are_refused(saved, bad):
+    """NaN, Inf or integer weights are a MuseformerError naming the tensor, on load and on save."""
+    directory, model, tokenizer = saved
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    name = "layers.0.ffn.fc1.weight"
+    if bad == "int":
+        state[name] = state[name].round().to(torch.int32)
+    else:
+        state[name][0, 0] = float(bad)
+    _write_raw_weights(directory, state)
+    with pytest.raises(MuseformerError, match=name.replace(".", r"\.") + r" (is int32|has 1 non-finite)"):
+        load(directory)
+    if bad != "int":  # a diverged model is not saved over a good checkpoint
+        save_checkpoint(directory, model, tokenizer)
+        before = (directory / WEIGHTS_FILE).read_bytes()
+        with torch.no_grad():
+            model.state_dict()[name][0, 0] = float(bad)
+        with pytest.raises(MuseformerError, match="non-finite"):
+            save_checkpoint(directory, model, tokenizer)
+        assert (directory / WEIGHTS_FILE).read_bytes() == before
+
+
+def test_same_weights_give_the_same_bytes(saved, tmp_path):
+    """Saving the same model again gives byte-identical files (stable checkpoint_sha256)."""
+    directory, model, tokenizer = saved
+    first = (directory / WEIGHTS_FILE).read_bytes()
+    for i in range(6):
+        save_checkpoint(tmp_path / f"again{i}", model, tokenizer)
+        assert (tmp_path / f"again{i}" / WEIGHTS_FILE).read_bytes() == first
+        assert (tmp_path / f"again{i}" / CONFIG_FILE).read_bytes() == (directory / CONFIG_FILE).read_bytes()
+
+
+def test_short_write_of_weights_keeps_the_old_checkpoint(saved, monkeypatch):
+    """A weights file that reaches the disk short (full disk) is refused; the old checkpoint stays."""
+    from pathlib import Path
+
+    from museformer.errors import WriteError
+
+    directory, model, tokenizer = saved
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    real = Path.write_bytes
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: real(self, data[: len(data) // 2]))
+    with pytest.raises(WriteError, match=r"model\.safetensors: only \d+ of \d+ bytes"):
+        save_checkpoint(directory, model, tokenizer)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+
+
+def test_resolve_checkpoint_accepts_a_run_folder(saved, tmp_path):
+    """--checkpoint RUN finds RUN/model, else the newest RUN/checkpoints/step-N; a checkpoint is itself."""
+    import shutil
+
+    from museformer.checkpoint import resolve_checkpoint
+
+    directory, _, _ = saved
+    assert resolve_checkpoint(directory) == directory
+    run = tmp_path / "run"
+    for step in (100, 2000):
+        shutil.copytree(directory, run / "checkpoints" / f"step-{step:08d}")
+    (run / "checkpoints" / "step-00003000").mkdir()  # incomplete: ignored
+    assert resolve_checkpoint(run) == run / "checkpoints" / "step-00002000"
+    shutil.copytree(directory, run / "model")
+    assert resolve_checkpoint(run) == run / "model"
+    with pytest.raises(MuseformerError, match="not a checkpoint directory"):
+        resolve_checkpoint(tmp_path / "run" / "checkpoints")
+
+
+def test_bundled_model_stores_its_config():
+    """The bundled model carries the config it was saved with, and it matches its config.json."""
+    from safetensors import safe_open
+
+    from museformer.checkpoint import CONFIG_METADATA_KEY
+    from museformer.generate import bundled_checkpoint
+
+    directory = bundled_checkpoint()
+    with safe_open(str(directory / WEIGHTS_FILE), "pt") as f:
+        stored = json.loads(f.metadata()[CONFIG_METADATA_KEY])
+    assert stored == json.loads((directory / CONFIG_FILE).read_text())["model"]
+    load(directory)

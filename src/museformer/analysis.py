@@ -9,7 +9,9 @@ Inputs (``find_songs``):
 
 - a prepared corpus folder (it has ``meta.json``): the songs of one split, or of all splits;
 - a folder: every ``*.mid`` / ``*.midi`` (encoded with the tokenizer preset, ``lmd6`` by default)
-  and every ``*.txt`` (one song per line, tokens separated by spaces) under it, recursively;
+  or every ``*.txt`` token dump (one song per line, tokens separated by spaces) under it,
+  recursively; a ``.txt`` file is a song file only when every line is a REMIGEN token stream
+  (``is_token_song``), and a folder holding both kinds needs ``only="midi"`` or ``"tokens"``;
 - a single MIDI or ``.txt`` file.
 
 Validity (decodes with zero skipped tokens) is measured for token inputs only; MIDI files are
@@ -22,16 +24,14 @@ import json
 import math
 import re
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from museformer import metrics
 from museformer.errors import MuseformerError
-from museformer.files import atomic_path
+from museformer.files import atomic_open, check_output_path, write_text_atomic
 
 MIDI_SUFFIXES = (".mid", ".midi")
 TOKEN_SUFFIXES = (".txt",)
@@ -57,31 +57,83 @@ class SongSource:
     index: int = -1
 
 
-def find_songs(path: str | Path, split: str = "all") -> list[SongSource]:
+TOKEN_RE = re.compile(r"[sobtipdv]-\d+")  # the REMIGEN token kinds: s-, o-, b-, t-, i-, p-, d-, v-
+SONG_KINDS = ("midi", "tokens")
+
+
+def is_token_song(tokens: Sequence[str]) -> bool:
+    """Whether one line of a ``.txt`` file is a song: REMIGEN tokens only, at least one bar and one pitch."""
+    return (
+        bool(tokens)
+        and all(TOKEN_RE.fullmatch(t) for t in tokens)
+        and "b-1" in tokens
+        and any(t.startswith("p-") for t in tokens)
+    )
+
+
+def _token_file_songs(f: Path, name: str) -> list[SongSource] | None:
+    """The songs of a token dump, or None when the file is not one (vocabulary lists, egg-info, notes)."""
+    from museformer.tokenizer import read_token_lines
+
+    try:
+        lines = read_token_lines(f)
+    except MuseformerError:
+        return None
+    if not lines or not all(is_token_song(t) for t in lines):
+        return None
+    return [SongSource("tokens", f"{name}:{i + 1}", text=" ".join(t)) for i, t in enumerate(lines)]
+
+
+def find_songs(path: str | Path, split: str = "all", only: str | None = None) -> list[SongSource]:
     """Every song under ``path`` (see the module docstring), in a stable (sorted) order.
 
+    Only songs are read: MIDI files by extension (they are parsed later, and a file that does not
+    parse is reported as failed), and ``.txt`` files whose every line is a REMIGEN token stream (at
+    least one ``b-1`` and one pitch); other ``.txt`` files (vocabularies, package metadata, notes)
+    are not songs and are passed over.
+
+    Args:
+        path: a folder, a MIDI or token file, or a prepared corpus folder.
+        split: with a prepared corpus, ``"all"`` or one split.
+        only: ``"midi"`` or ``"tokens"``: read only that kind. A folder that holds both kinds (for
+            example MIDI files next to token dumps of the same songs) needs it, so that no song is
+            counted twice without the user choosing.
+
     Raises:
-        MuseformerError: ``path`` does not exist or holds no songs.
+        MuseformerError: ``path`` does not exist, holds no songs, or holds both kinds without ``only``.
     """
+    if only is not None and only not in SONG_KINDS:
+        raise MuseformerError(f"only must be one of {', '.join(SONG_KINDS)}, got {only!r}")
     path = Path(path)
     if not path.exists():
         raise MuseformerError(f"{path} does not exist")
     if path.is_dir() and (path / "meta.json").exists():
         return _corpus_songs(path, split)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    sources = []
+    found: dict[str, list[SongSource]] = {"midi": [], "tokens": []}
+    passed_over = 0
     for f in files:
         name = f.name if f == path else f.relative_to(path).as_posix()
         suffix = f.suffix.lower()
-        if suffix in MIDI_SUFFIXES:
-            sources.append(SongSource("midi", name, path=str(f)))
-        elif suffix in TOKEN_SUFFIXES:
-            from museformer.tokenizer import read_token_lines
-
-            lines = read_token_lines(f)
-            sources.extend(SongSource("tokens", f"{name}:{i + 1}", text=" ".join(t)) for i, t in enumerate(lines))
+        if suffix in MIDI_SUFFIXES and only in (None, "midi"):
+            found["midi"].append(SongSource("midi", name, path=str(f)))
+        elif suffix in TOKEN_SUFFIXES and only in (None, "tokens"):
+            songs = _token_file_songs(f, name)
+            if songs is None:
+                passed_over += 1
+            else:
+                found["tokens"].extend(songs)
+    if found["midi"] and found["tokens"]:
+        raise MuseformerError(
+            f"{path} holds both MIDI files ({len(found['midi'])}) and token songs ({len(found['tokens'])}); "
+            "choose one kind with --only midi or --only tokens"
+        )
+    sources = found["midi"] or found["tokens"]
     if not sources:
-        raise MuseformerError(f"{path}: no MIDI (.mid/.midi) or token (.txt) songs found, and not a prepared corpus")
+        kinds = {"midi": "MIDI (.mid/.midi)", "tokens": "token (.txt)"}
+        wanted = kinds[only] if only else "MIDI (.mid/.midi) or token (.txt)"
+        extra = f" ({passed_over} .txt file(s) are not token songs)" if passed_over else ""
+        raise MuseformerError(f"{path}: no {wanted} songs found{extra}, and not a prepared corpus")
     return sources
 
 
@@ -182,7 +234,9 @@ def analyze_songs(
                 results.extend(_analyze_chunk(chunk, max_interval, preset))
                 bar.update(len(chunk))
         else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            from museformer.workers import process_pool
+
+            with process_pool(workers) as pool:  # its workers exit when this process dies
                 # map keeps the input order, so the report does not depend on scheduling
                 for chunk, done in zip(chunks, pool.map(_analyze_chunk, chunks, [max_interval] * len(chunks),
                                                         [preset] * len(chunks))):
@@ -272,6 +326,7 @@ def analyze(
     preset: str = "lmd6",
     split: str = "all",
     progress: bool = True,
+    only: str | None = None,
 ) -> AnalysisReport:
     """Bar-similarity analysis of a collection; writes its report into ``out_dir``.
 
@@ -282,7 +337,8 @@ def analyze(
     """
     if heatmaps < 0:
         raise MuseformerError(f"--heatmaps must be >= 0, got {heatmaps}")
-    sources = find_songs(input_path, split)
+    check_output_path(out_dir, "dir", what="report folder")
+    sources = find_songs(input_path, split, only)
     results = analyze_songs(sources, max_interval=max_interval, workers=workers, preset=preset, progress=progress)
     summary = summarize(input_path, results, max_interval)
     curve = summary.stats.curve
@@ -343,6 +399,7 @@ def evaluate_structure(
     workers: int = 1,
     preset: str = "lmd6",
     progress: bool = True,
+    only: str | None = None,
 ) -> dict:
     """Objective metrics of generated songs next to a reference set, and their Similarity Error.
 
@@ -352,7 +409,7 @@ def evaluate_structure(
     """
     summaries = []
     for label, path in (("generated", generated), ("reference", reference)):
-        results = analyze_songs(find_songs(path), max_interval=max_interval, workers=workers, preset=preset,
+        results = analyze_songs(find_songs(path, only=only), max_interval=max_interval, workers=workers, preset=preset,
                                 progress=progress, desc=label)
         summaries.append(summarize(path, results, max_interval))
     gen, ref = summaries
@@ -383,9 +440,10 @@ def format_table(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # writing files (atomically: temp file in the same folder, fsync, rename)
 # ---------------------------------------------------------------------------------------------
-def _atomic(path: Path, write: Callable[[str], None]) -> str:
-    with atomic_path(path) as tmp:
-        write(str(tmp))
+def _atomic(path: Path, write: Callable) -> str:
+    """Write through ``write(binary_file)``; every byte is checked before the file replaces ``path``."""
+    with atomic_open(path) as f:
+        write(f)
     return str(path)
 
 
@@ -405,7 +463,8 @@ def _clean(obj):
 def write_json(path: str | Path, data: dict) -> str:
     """Write ``data`` as indented strict JSON (NaN written as null)."""
     text = json.dumps(_clean(data), indent=2, allow_nan=False) + "\n"
-    return _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text_atomic(path, text)
+    return str(path)
 
 
 def write_curve_csv(path: str | Path, stats: metrics.IntervalStats) -> str:
@@ -417,7 +476,8 @@ def write_curve_csv(path: str | Path, stats: metrics.IntervalStats) -> str:
     for k, (c, n, p, pm) in enumerate(zip(stats.curve, stats.songs, stats.pairs, stats.pair_curve), 1):
         rows.append(f"{k},{cell(c)},{n},{p},{cell(pm)}")
     text = "\n".join(rows) + "\n"
-    return _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_text_atomic(path, text)
+    return str(path)
 
 
 def _pyplot():

@@ -24,13 +24,11 @@ measure is padded with rest at the start so that bar lines fall where the score 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 from museformer.errors import MuseformerError
-from museformer.files import atomic_path
+from museformer.files import write_midi_atomic
 
 LEAD, STRINGS, PIANO, GUITAR, BASS = 80, 48, 0, 25, 43
 MIDDLE_PROGRAMS = (STRINGS, PIANO, GUITAR)
@@ -147,8 +145,7 @@ def export_score(source: str | Path, dest: str | Path, *, chorale_voices: bool =
     midi_score.time_signatures = signatures
     if midi_score.note_num() == 0:
         raise MuseformerError(f"{source}: no notes")
-    with atomic_path(dest) as tmp:
-        midi_score.dump_midi(str(tmp))
+    write_midi_atomic(midi_score, dest)
 
 
 def _export_many(jobs: Sequence[tuple[str, str, bool]]) -> list[tuple[str, str]]:
@@ -207,7 +204,9 @@ def export_corpus(
         if workers == 1:
             results = map(_export_many, chunks)
         else:
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+            from museformer.workers import process_pool
+
+            pool = process_pool(workers)  # its workers exit when this process dies
             results = pool.map(_export_many, chunks)
         try:
             for chunk, chunk_failed in zip(chunks, results):

@@ -31,17 +31,16 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import cached_property, partial
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 from museformer.errors import MuseformerError
-from museformer.files import atomic_path, write_text_atomic
+from museformer.files import atomic_open, check_output_path, write_text_atomic
 from museformer.vocab import BOS_ID, EOS_ID
 
 SPLITS = ("train", "valid", "test")
@@ -153,8 +152,8 @@ def _file_key(root: Path, rel: str) -> str:
 # atomic files
 # ---------------------------------------------------------------------------------------------
 def _atomic_write(path: Path, write: Callable) -> None:
-    """Write through ``write(binary_file)`` atomically (``files.atomic_path``)."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    """Write through ``write(binary_file)`` atomically, every byte checked (``files.atomic_open``)."""
+    with atomic_open(path) as f:
         write(f)
 
 
@@ -309,8 +308,11 @@ def prepare(
             f"split fractions must lie in [0, 1] and sum to at most 1, got valid {valid_fraction}, "
             f"test {test_fraction}"
         )
+    check_output_path(out_dir, "dir", what="output folder")
     lists = read_split_lists(split_lists) if split_lists is not None else None
     relpaths = find_midi_files(input_dir)
+    if not relpaths:
+        raise MuseformerError(f"input folder {input_dir} holds no MIDI files (*.mid, *.midi); nothing to prepare")
     out_dir.mkdir(parents=True, exist_ok=True)
     encode = encode_fn if encode_fn is not None else partial(tokenizer.encode_file, as_ids=True)
 
@@ -344,8 +346,11 @@ def _encode_all(chunks, encode, root, keys, cache, workers, progress, total, reu
             for chunk in chunks:
                 finish(chunk, _encode_chunk(encode, str(root), chunk))
             return
-        # spawn: workers never inherit the parent's threads (torch, OpenMP) or locks
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        from museformer.workers import process_pool
+
+        # spawn: workers never inherit the parent's threads (torch, OpenMP) or locks; they exit
+        # when this process dies, even by SIGKILL
+        with process_pool(workers) as pool:
             pending: dict = {}
             queue = iter(chunks)
             try:

@@ -7,3 +7,10 @@ raises it (or a subclass) with a message that names the offending input.
 
 class MuseformerError(Exception):
     """A user-facing error: bad input file, bad option, bad checkpoint. The message names the input."""
+
+
+class WriteError(MuseformerError):
+    """An output could not be written completely (disk full, short write, a path of the wrong kind).
+
+    The message names the file; the file that was there before (if any) is left as it was.
+    """

@@ -7,7 +7,8 @@ This module owns presentation only; it knows symusic Scores, not tokens or model
 - ``render_audio(score, path)``: synthesises a WAV with the FluidSynth program and a General MIDI
   soundfont found on disk (Debian: ``apt-get install fluidsynth fluid-soundfont-gm`` or
   ``timgm6mb-soundfont``), or the one given by ``soundfont=`` / ``$MUSEFORMER_SOUNDFONT``. When either
-  is missing it raises ``MuseformerError`` saying what to install.
+  is missing it raises ``MuseformerError`` saying what to install (both, when both are missing).
+- ``render_file(midi, png=True, wav=True)``: both for any MIDI file on disk (``museformer render``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import symusic
 
-from museformer.errors import MuseformerError
-from museformer.files import atomic_path
+from museformer.errors import MuseformerError, WriteError
+from museformer.files import atomic_open, atomic_path, check_output_path, midi_bytes, write_bytes_atomic
 
 SOUNDFONT_CANDIDATES = (
     "/usr/share/sounds/sf2/FluidR3_GM.sf2",
@@ -53,22 +54,45 @@ def find_soundfont(soundfont: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
+def find_fluidsynth() -> str | None:
+    """The FluidSynth program on ``PATH`` (None when it is not installed)."""
+    return shutil.which("fluidsynth")
+
+
+def _check_wav(path: Path, target: Path) -> None:
+    """Refuse a WAV file whose RIFF header promises more bytes than the file holds (a short write)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(12)
+    if len(header) < 12 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+        raise WriteError(f"cannot write {target}: fluidsynth did not produce a WAV file")
+    declared = int.from_bytes(header[4:8], "little") + 8
+    if declared > size:
+        raise WriteError(f"cannot write {target}: only {size} of {declared} bytes reached the disk (disk full?)")
+
+
 def render_audio(
     score: symusic.Score, path: str | os.PathLike, soundfont: str | os.PathLike | None = None,
     sample_rate: int = 44100,
 ) -> Path:
-    """Synthesise ``score`` to a 16-bit stereo WAV at ``path`` (written atomically)."""
-    fluidsynth = shutil.which("fluidsynth")
-    if fluidsynth is None:
-        raise MuseformerError(FLUIDSYNTH_HELP)
+    """Synthesise ``score`` to a 16-bit stereo WAV at ``path`` (written atomically, its length checked).
+
+    Raises:
+        MuseformerError: the soundfont given does not exist, FluidSynth or a soundfont is missing
+            (one message naming everything that is missing), or FluidSynth failed.
+    """
+    # the soundfont the user named is checked first: a wrong path is their mistake to fix, and the
+    # message names it whether or not FluidSynth is installed
     font = find_soundfont(soundfont)
-    if font is None:
-        raise MuseformerError(SOUNDFONT_HELP)
+    fluidsynth = find_fluidsynth()
+    missing = ([] if fluidsynth is not None else [FLUIDSYNTH_HELP]) + ([] if font is not None else [SOUNDFONT_HELP])
+    if missing:
+        raise MuseformerError("; ".join(missing))
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, check=lambda tmp: _check_wav(tmp, path)) as tmp:
         midi = tmp.with_suffix(".mid")
         try:
-            score.dump_midi(str(midi))
+            write_bytes_atomic(midi, midi_bytes(score))
             # -n: no MIDI input, -i: no shell, -F: render to this file, -T: as WAV
             done = subprocess.run(
                 [fluidsynth, "-ni", "-q", "-r", str(sample_rate), "-T", "wav", "-F", str(tmp), str(font), str(midi)],
@@ -79,6 +103,50 @@ def render_audio(
         if done.returncode != 0 or tmp.stat().st_size == 0:
             raise MuseformerError(f"fluidsynth failed to render {path}: {done.stderr.strip()[-300:]}")
     return path
+
+
+def render_file(
+    midi: str | os.PathLike, *, png: str | os.PathLike | bool | None = None,
+    wav: str | os.PathLike | bool | None = None, soundfont: str | os.PathLike | None = None,
+) -> dict[str, Path | str]:
+    """Render any MIDI file: a piano-roll PNG and/or a WAV next to it (or at the paths given).
+
+    Args:
+        midi: the MIDI file.
+        png, wav: True = ``SONG.png`` / ``SONG.wav`` next to the MIDI file; a path = there;
+            None/False = not this one. At least one must be asked for.
+        soundfont: General MIDI soundfont for the WAV (default: ``find_soundfont``).
+
+    Returns:
+        ``{"png": path, "wav": path}`` for what was written and ``{"png_error": ..., ...}`` for what
+        could not be (one failing output never costs the other).
+
+    Raises:
+        MuseformerError: the MIDI file cannot be read, or neither output was asked for.
+    """
+    midi = Path(midi)
+    if not png and not wav:
+        raise MuseformerError("render: ask for --png and/or --wav")
+    targets = {what: (midi.with_suffix(f".{what}") if value is True else Path(value))
+               for what, value in (("png", png), ("wav", wav)) if value}
+    for target in targets.values():
+        check_output_path(target, "file")
+    if not midi.is_file():
+        raise MuseformerError(f"{midi}: no such MIDI file")
+    try:
+        score = symusic.Score(str(midi))
+    except Exception as e:  # symusic raises RuntimeError / ValueError for files that are not MIDI
+        raise MuseformerError(f"{midi}: cannot read as MIDI ({e})") from None
+    done: dict[str, Path | str] = {}
+    for what, target in targets.items():
+        try:
+            if what == "png":
+                done["png"] = piano_roll(score, target, title=midi.name)
+            else:
+                done["wav"] = render_audio(score, target, soundfont=soundfont)
+        except MuseformerError as e:
+            done[f"{what}_error"] = str(e)
+    return done
 
 
 def _track_label(track: symusic.core.TrackTick) -> str:
@@ -130,8 +198,8 @@ def piano_roll(score: symusic.Score, path: str | os.PathLike, title: str | None 
     fig.tight_layout()
     path = Path(path)
     try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
+        with atomic_open(path) as f:
+            fig.savefig(f, format="png")
     finally:
         plt.close(fig)
     return path
