@@ -15,3 +15,46 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# optional programs, simulated: no test depends on whether FluidSynth is installed
+# ---------------------------------------------------------------------------------------------
+FAKE_FLUIDSYNTH = '''#!{python}
+"""A stand-in for FluidSynth: writes a short valid WAV (or, with FAKE_FLUIDSYNTH_SHORT, a cut one) to -F."""
+import os, sys, wave
+out = sys.argv[sys.argv.index("-F") + 1]
+with wave.open(out, "wb") as w:
+    w.setnchannels(2); w.setsampwidth(2); w.setframerate(22050)
+    w.writeframes(bytes(range(256)) * 400)
+if os.environ.get("FAKE_FLUIDSYNTH_SHORT"):
+    with open(out, "r+b") as f:
+        f.truncate(os.path.getsize(out) // 2)
+'''
+
+
+@pytest.fixture
+def no_fluidsynth(monkeypatch):
+    """FluidSynth is not installed (whatever this machine has)."""
+    import museformer.render
+
+    monkeypatch.setattr(museformer.render, "find_fluidsynth", lambda: None)
+
+
+@pytest.fixture
+def fake_fluidsynth(monkeypatch, tmp_path_factory):
+    """FluidSynth and a soundfont are installed: a small script that writes a valid WAV, and an empty .sf2."""
+    import sys
+
+    import museformer.render
+
+    folder = tmp_path_factory.mktemp("fake-fluidsynth")
+    program = folder / "fluidsynth"
+    program.write_text(FAKE_FLUIDSYNTH.replace("{python}", sys.executable))
+    program.chmod(0o755)
+    font = folder / "fake.sf2"
+    font.write_bytes(b"sfbk")
+    monkeypatch.setattr(museformer.render, "find_fluidsynth", lambda: str(program))
+    monkeypatch.setenv("MUSEFORMER_SOUNDFONT", str(font))
+    monkeypatch.setattr(museformer.render, "SOUNDFONT_CANDIDATES", ())
+    return program

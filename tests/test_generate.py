@@ -196,8 +196,10 @@ def test_cli_writes_valid_midi_and_sidecar(checkpoint, tmp_path, capsys):
     assert (out / "song_002.mid").read_bytes() == (out / "song_000.mid").read_bytes()
 
 
-def test_cli_render_problems_do_not_cost_the_midi(checkpoint, tmp_path, capsys):
-    """A missing soundfont is reported by name, and the MIDI file is written anyway."""
+@pytest.mark.parametrize("fluidsynth", ["missing", "installed"])
+def test_cli_render_problems_do_not_cost_the_midi(checkpoint, tmp_path, capsys, request, fluidsynth):
+    """A missing soundfont is reported by name, and the MIDI file is written anyway, with or without FluidSynth."""
+    request.getfixturevalue("no_fluidsynth" if fluidsynth == "missing" else "fake_fluidsynth")
     out = tmp_path / "r"
     assert main(["generate", "--checkpoint", str(checkpoint), "--bars", "1", "--seed", "1",
                  "-o", str(out), "--render", "--soundfont", str(tmp_path / "nope.sf2")]) == 0
@@ -205,6 +207,15 @@ def test_cli_render_problems_do_not_cost_the_midi(checkpoint, tmp_path, capsys):
     assert (out / "song_000.mid").exists()
     assert any("nope.sf2" in e for e in meta["render_errors"])
     assert "nope.sf2" in capsys.readouterr().out
+
+
+def test_cli_render_writes_wav_when_fluidsynth_is_there(checkpoint, tmp_path, fake_fluidsynth):
+    """With FluidSynth and a soundfont (simulated), --render writes the WAV and names it in the sidecar."""
+    out = tmp_path / "r"
+    assert main(["generate", "--checkpoint", str(checkpoint), "--bars", "1", "--seed", "1", "-o", str(out),
+                 "--render"]) == 0
+    meta = json.loads((out / "song_000.json").read_text())
+    assert meta["wav"] == "song_000.wav" and (out / "song_000.wav").read_bytes()[:4] == b"RIFF"
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -222,3 +233,192 @@ def test_bundled_model_or_clear_message(tmp_path):
         return
     assert main(["generate", "--bars", "1", "--seed", "1", "-o", str(tmp_path)]) == 0
     assert symusic.Score(str(tmp_path / "song_000.mid")).note_num() > 0
+
+
+# -- options mean what they say ----------------------------------------------------------------
+def _eager_eos_model():
+    """A model whose every step wants EOS most (logits: EOS = D, every other token 0)."""
+    torch.manual_seed(0)
+    eager = Museformer(MuseformerConfig.preset("tiny")).eval()
+    with torch.no_grad():
+        eager.final_norm.weight.fill_(0.0)
+        eager.final_norm.bias.fill_(1.0)
+        eager.output.weight.zero_()
+        eager.output.weight[EOS_ID] = 1.0
+    return eager
+
+
+@pytest.mark.parametrize("grammar", [True, False])
+def test_bars_gives_exactly_that_many_bars_even_when_eos_is_likely(grammar):
+    """With max_bars = B, EOS is forbidden before bar B ends: songs have exactly B bars."""
+    songs = generate(model=_eager_eos_model(), tokenizer=TOKENIZER, num_songs=2, seed=0, max_bars=3,
+                     min_tokens=0, grammar=grammar, top_k=0)
+    assert [(s.bars, s.finish) for s in songs] == [(3, "bars"), (3, "bars")]
+
+
+def test_sampling_options_are_checked(model):
+    """Tempo outside the tokens' range, batch size 0, prompts that leave nothing to generate: clear errors."""
+    from museformer.generate import TEMPO_RANGE
+    from museformer.grammar import MAX_BPM, MIN_BPM
+
+    assert TEMPO_RANGE == (MIN_BPM, MAX_BPM)
+    for tempo in (1000, 15.9, 0, -5):
+        with pytest.raises(MuseformerError, match=r"tempo must be a BPM in 16\.\.256"):
+            SampleConfig(tempo=tempo)
+    SampleConfig(tempo=16), SampleConfig(tempo=256)
+    with pytest.raises(MuseformerError, match="batch-size must be >= 1"):
+        _gen(model, max_bars=1, batch_size=0)
+    with pytest.raises(MuseformerError, match="--prompt-bars 8 leaves nothing to generate.*--bars 4"):
+        _gen(model, prompt=DATA / "bach_bwv269.mid", prompt_bars=8, max_bars=4)
+    with pytest.raises(MuseformerError, match="the prompt has [0-9]+ bars, so --bars 2"):
+        _gen(model, prompt=DATA / "bach_bwv269.mid", max_bars=2)
+    prompt = prompt_from_midi(DATA / "bach_bwv269.mid", TOKENIZER, bars=2)
+    with pytest.raises(MuseformerError, match=f"the prompt has {len(prompt)} tokens, so --max-tokens 10"):
+        _gen(model, prompt=prompt, max_tokens=10)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-tokens", "0"], "max_tokens must be an integer >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--tempo", "1000"], "tempo must be a BPM in 16..256"),
+    (["--bars", "4", "--prompt", str(DATA / "bach_bwv269.mid"), "--prompt-bars", "8"], "--prompt-bars 8"),
+])
+def test_cli_rejects_options_before_loading_the_model(tmp_path, capsys, monkeypatch, args, message):
+    """Bad generation options are one line, exit 1, before the model is loaded and nothing is written."""
+    import museformer.generate
+
+    monkeypatch.setattr(museformer.generate, "_as_model", lambda *a: pytest.fail("loaded the model"))
+    assert main(["generate", "-o", str(tmp_path / "out"), *args]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_output_that_is_a_file_is_refused_before_work(tmp_path, capsys, monkeypatch):
+    """`generate -o FILE` names the file and stops before loading the model."""
+    import museformer.generate
+
+    monkeypatch.setattr(museformer.generate, "_as_model", lambda *a: pytest.fail("loaded the model"))
+    (tmp_path / "taken").write_text("keep")
+    assert main(["generate", "--bars", "1", "-o", str(tmp_path / "taken")]) == 1
+    assert "taken is an existing file" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "keep"
+
+
+def test_checkpoint_may_be_a_training_run_folder(checkpoint, tmp_path):
+    """--checkpoint RUN uses RUN/model; the sidecar names the checkpoint actually used."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run / "model")
+    out = tmp_path / "songs"
+    assert main(["generate", "--checkpoint", str(run), "--bars", "1", "--seed", "1", "-o", str(out), "--quiet"]) == 0
+    assert json.loads((out / "song_000.json").read_text())["checkpoint"] == str(run / "model")
+
+
+def test_concurrent_runs_into_one_folder_never_overwrite(checkpoint, tmp_path, monkeypatch):
+    """Two generate runs into one folder at once keep every song (names claimed by exclusive create)."""
+    import threading
+
+    import museformer.generate
+    from museformer.generate import SampleConfig, generate_to_folder
+
+    real = museformer.generate.generate
+    both_generated = threading.Barrier(2, timeout=60)
+
+    def generate_then_wait(*args, **kwargs):  # both runs pick their names at the same moment
+        songs = real(*args, **kwargs)
+        both_generated.wait()
+        return songs
+
+    monkeypatch.setattr(museformer.generate, "generate", generate_then_wait)
+    out = tmp_path / "songs"
+    results = {}
+
+    def run(seed):
+        results[seed] = generate_to_folder(out, checkpoint, num_songs=3, config=SampleConfig(seed=seed, max_bars=1))
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (10, 20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    names = sorted(sc["midi"] for sidecars in results.values() for sc in sidecars)
+    assert names == [f"song_{i:03d}.mid" for i in range(6)]
+    for sidecars in results.values():  # every file holds the song its sidecar describes
+        for sc in sidecars:
+            stem = sc["midi"][:-4]
+            assert json.loads((out / f"{stem}.json").read_text())["seed"] == sc["seed"]
+    seeds = sorted(json.loads(p.read_text())["seed"] for p in out.glob("song_*.json"))
+    assert seeds == [10, 11, 12, 20, 21, 22]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("fault", ["short", "enospc"])
+def test_full_disk_leaves_no_song_and_fails_in_one_line(checkpoint, tmp_path, capsys, monkeypatch, fault):
+    """A song write that is cut (or fails with ENOSPC) is one error line; no file under a song name."""
+    import errno
+
+    import museformer.files
+
+    real_fdopen = museformer.files.os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            if fault == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.f.write(bytes(data)[: len(data) // 2])  # a writer that drops ENOSPC silently
+            return len(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(museformer.files.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    out = tmp_path / "songs"
+    assert main(["generate", "--checkpoint", str(checkpoint), "--bars", "1", "--seed", "1", "-o", str(out),
+                 "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "song_000.mid" in err
+    assert ("only" in err and "bytes reached the disk" in err) if fault == "short" else "No space left" in err
+    assert list(out.iterdir()) == []
+
+
+def test_progress_bar_counts_bars_and_is_off_when_quiet(checkpoint, tmp_path, monkeypatch):
+    """generate's progress bar counts every bar of every song; --quiet (progress=False) shows none."""
+    import tqdm.auto
+
+    from museformer.generate import SampleConfig, generate_to_folder
+
+    bars = []
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            bars.append(self)
+            self.kwargs, self.n = kwargs, 0
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix_str(self, *a, **k):
+            self.postfix = a[0]
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    generate_to_folder(tmp_path / "a", checkpoint, num_songs=2, config=SampleConfig(seed=1, max_bars=2),
+                       progress=True)
+    (bar,) = bars
+    assert bar.kwargs["total"] == 4 and bar.kwargs["unit"] == "bar" and bar.kwargs["disable"] is None
+    assert bar.n == 4 and bar.postfix == "2/2 songs" and bar.closed
+    generate_to_folder(tmp_path / "b", checkpoint, num_songs=1, config=SampleConfig(seed=1, max_bars=1))
+    assert len(bars) == 1

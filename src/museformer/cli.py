@@ -60,8 +60,11 @@ def add_encode(sub) -> None:
 
 
 def _encode(args) -> int:
+    from museformer.files import check_output_path
     from museformer.tokenizer import write_token_lines
 
+    if args.output:
+        check_output_path(args.output, "file")
     tokens = tokenizer_from_args(args).encode_file(args.input)
     if args.output:
         write_token_lines(args.output, [tokens])
@@ -78,13 +81,15 @@ def add_decode(sub) -> None:
 
 
 def _decode(args) -> int:
-    from museformer.tokenizer import Tokenizer, read_token_lines, write_midi
+    from museformer.files import check_output_path, write_midi_atomic
+    from museformer.tokenizer import Tokenizer, read_token_lines
 
+    check_output_path(args.output, "file")
     songs = read_token_lines(args.input)
     if not songs:
         raise MuseformerError(f"{args.input} holds no tokens")
     score, report = Tokenizer().decode_with_report(songs[0])
-    write_midi(score, args.output)
+    write_midi_atomic(score, args.output)  # size-checked: a full disk is an error, never a cut file
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(report.reasons.items()))
     print(f"wrote {args.output}; skipped {report.skipped} invalid token(s)" + (f" ({reasons})" if reasons else ""))
     return 0
@@ -260,27 +265,34 @@ def add_evaluate(sub) -> None:
     p.add_argument("--preset", default="lmd6", choices=("lmd6", "general"),
                    help="tokenizer that encodes MIDI inputs (default: lmd6, the paper's LMD setting)")
     p.add_argument("-o", "--output", help="also write the results as JSON to this file")
+    p.add_argument("--only", choices=("midi", "tokens"), default=None,
+                   help="read only MIDI files or only token .txt files (needed where a folder holds both)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_evaluate)
 
 
 def _evaluate(args) -> int:
     from museformer import analysis
+    from museformer.files import check_output_path
 
+    if args.output:
+        check_output_path(args.output, "file")
     if args.structure is not None:
         if args.reference is None:
             raise MuseformerError("--structure needs --reference DIR (the real songs to compare with)")
         if args.checkpoint is not None:
             raise MuseformerError("give either CHECKPOINT DATA_DIR (perplexity) or --structure, not both")
         report = analysis.evaluate_structure(args.structure, args.reference, max_interval=args.max_interval,
-                                             workers=args.workers, preset=args.preset, progress=not args.quiet)
+                                             workers=args.workers, preset=args.preset, progress=not args.quiet,
+                                             only=args.only)
         print(analysis.format_table(report))
     else:
         if args.checkpoint is None or args.data_dir is None:
             raise MuseformerError("give CHECKPOINT DATA_DIR (perplexity) or --structure DIR --reference DIR")
+        from museformer.checkpoint import resolve_checkpoint
         from museformer.train import evaluate_perplexity
 
-        report = evaluate_perplexity(args.checkpoint, args.data_dir, split=args.split, max_lens=args.max_len,
+        report = evaluate_perplexity(resolve_checkpoint(args.checkpoint), args.data_dir, split=args.split, max_lens=args.max_len,
                                      batch_tokens=args.batch_tokens, device=args.device)
         for r in report["results"]:
             print(f"max_len {r['max_len']:>6}: perplexity {r['perplexity']:.4f} "
@@ -312,6 +324,8 @@ def add_analyze(sub) -> None:
     p.add_argument("--split", default="all", help="split of a prepared corpus: all, train, valid or test")
     p.add_argument("--preset", default="lmd6", choices=("lmd6", "general"),
                    help="tokenizer that encodes MIDI inputs (default: lmd6, the paper's LMD setting)")
+    p.add_argument("--only", choices=("midi", "tokens"), default=None,
+                   help="read only MIDI files or only token .txt files (needed where a folder holds both)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_analyze)
 
@@ -321,7 +335,7 @@ def _analyze(args) -> int:
 
     report = analysis.analyze(args.input, args.output, max_interval=args.max_interval, heatmaps=args.heatmaps,
                               workers=args.workers, preset=args.preset, split=args.split,
-                              progress=not args.quiet)
+                              progress=not args.quiet, only=args.only)
     print(report.text())
     return 0
 
@@ -335,14 +349,17 @@ def add_generate(sub) -> None:
         description="Generate songs as MIDI files, each with a JSON sidecar (checkpoint hash, options, seed) "
         "that makes it reproducible. Lengths count the whole song, prompt included.",
     )
-    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory (default: the bundled model)")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="checkpoint directory, or a training run folder (its model/, else its newest "
+                   "checkpoints/step-N) (default: the bundled model)")
     p.add_argument("-n", "--num", type=int, default=1, metavar="N", help="number of songs (default 1)")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--bars", type=int, metavar="B", help="stop each song after B complete bars")
+    length.add_argument("--bars", type=int, metavar="B",
+                        help="songs of exactly B bars, prompt included (end-of-song only after bar B)")
     length.add_argument("--max-tokens", type=int, metavar="T",
                         help="stop each song at T tokens, cut back to its last complete bar (default 20480)")
     p.add_argument("--min-tokens", type=int, default=1024, metavar="T",
-                   help="end-of-song is forbidden before T tokens (default 1024, as the paper)")
+                   help="end-of-song is forbidden before T tokens (default 1024, as the paper; unused with --bars)")
     p.add_argument("--prompt", metavar="MIDI", help="a MIDI file to continue")
     p.add_argument("--prompt-bars", type=int, metavar="N", help="use only the first N bars of the prompt")
     p.add_argument("--top-k", type=int, default=8, metavar="K", help="sample from the K most likely tokens "
@@ -352,7 +369,7 @@ def add_generate(sub) -> None:
     p.add_argument("--seed", type=int, metavar="S", help="random seed; song i uses S + i (default: random, recorded)")
     p.add_argument("--instruments", type=_program_list, metavar="P[,P...]",
                    help="MIDI programs that may play new notes, 128 or 'drums' = drums (e.g. 0,25,drums)")
-    p.add_argument("--tempo", type=float, metavar="BPM", help="fix the tempo of generated bars")
+    p.add_argument("--tempo", type=float, metavar="BPM", help="fix the tempo of generated bars (16..256)")
     p.add_argument("--no-grammar", action="store_true",
                    help="sample without the token grammar (songs may then contain tokens MIDI cannot use)")
     p.add_argument("--batch-size", type=int, metavar="N", help="songs decoded together (default: all)")
@@ -362,6 +379,7 @@ def add_generate(sub) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for PyTorch (default: PyTorch's choice; 1 is often fastest on a busy machine)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_generate)
 
 
@@ -382,14 +400,49 @@ def _generate(args) -> int:
 
     config = SampleConfig(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        max_tokens=args.max_tokens or DEFAULT_MAX_TOKENS, max_bars=args.bars, min_tokens=args.min_tokens,
+        max_tokens=DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens, max_bars=args.bars,
+        min_tokens=args.min_tokens,
         grammar=not args.no_grammar, instruments=args.instruments, tempo=args.tempo,
     )
     generate_to_folder(
         args.output, args.checkpoint, num_songs=args.num, prompt=args.prompt, prompt_bars=args.prompt_bars,
         config=config, batch_size=args.batch_size, device=args.device, render=args.render,
-        soundfont=args.soundfont, threads=args.threads, log=print,
+        soundfont=args.soundfont, threads=args.threads, log=print, progress=not args.quiet,
     )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# render
+# ---------------------------------------------------------------------------------------------
+def add_render(sub) -> None:
+    p = sub.add_parser("render", help="piano-roll PNG and/or WAV of any MIDI file",
+                       description="Draw SONG.mid as a piano roll (SONG.png) and/or synthesise it (SONG.wav, "
+                       "needs FluidSynth and a General MIDI soundfont). Without --png/--wav, both.")
+    p.add_argument("song", metavar="SONG.mid", help="MIDI file")
+    p.add_argument("--png", action="store_true", help="write the piano roll SONG.png")
+    p.add_argument("--wav", action="store_true", help="write audio SONG.wav")
+    p.add_argument("-o", "--output-dir", metavar="DIR", help="folder for the files (default: next to SONG.mid)")
+    p.add_argument("--soundfont", metavar="SF2", help="General MIDI soundfont for --wav")
+    p.set_defaults(handler=_render)
+
+
+def _render(args) -> int:
+    from pathlib import Path
+
+    from museformer.render import render_file
+
+    both = not args.png and not args.wav
+    stem = Path(args.song).stem
+    folder = Path(args.output_dir) if args.output_dir else Path(args.song).parent
+    done = render_file(args.song, png=(both or args.png) and folder / f"{stem}.png",
+                       wav=(both or args.wav) and folder / f"{stem}.wav", soundfont=args.soundfont)
+    for what in ("png", "wav"):
+        if what in done:
+            print(f"wrote {done[what]}")
+    errors = [f"{what}: {done[what + '_error']}" for what in ("png", "wav") if what + "_error" in done]
+    if errors:
+        raise MuseformerError("; ".join(errors))
     return 0
 
 
@@ -401,7 +454,8 @@ def _not_yet(name: str):
     return handler
 
 
-COMMANDS = (add_encode, add_decode, add_prepare, add_pattern, add_train, add_evaluate, add_analyze, add_generate)
+COMMANDS = (add_encode, add_decode, add_prepare, add_pattern, add_train, add_evaluate, add_analyze, add_generate,
+            add_render)
 
 
 def build_parser() -> argparse.ArgumentParser:

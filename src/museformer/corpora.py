@@ -193,7 +193,9 @@ def export_corpus(
     """
     from tqdm.auto import tqdm
 
-    midi_dir = Path(midi_dir)
+    from museformer.files import check_output_path
+
+    midi_dir = check_output_path(Path(midi_dir), "dir", what="MIDI folder")
     sources = corpus_sources(name, limit)
     voices = name == "bach"
     jobs = [(str(src), str(midi_dir / rel), voices) for rel, src in sources if not (midi_dir / rel).exists()]

@@ -180,6 +180,40 @@ def check_output_path(path: str | os.PathLike, kind: str, *, what: str = "output
 # ---------------------------------------------------------------------------------------------
 # numbered outputs written concurrently
 # ---------------------------------------------------------------------------------------------
+def write_bytes_new(data: bytes, name_for: Callable[[int], Path], start: int = 0) -> tuple[int, Path]:
+    """Write ``data`` to the first free name ``name_for(n)``, ``n >= start``, never replacing a file.
+
+    The bytes go to a hidden temporary file first (fsynced, size checked), then ``publish_new``
+    claims the name: a reader never sees a partial file under a final name, and concurrent writers
+    into one folder never take the same name.
+
+    Raises:
+        WriteError: the write failed or was short (nothing is left under any final name).
+    """
+    first = Path(name_for(start))
+    try:
+        first.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=first.parent, prefix=f".{first.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(f"cannot write {first}: {_describe(e)}") from None
+    tmp = Path(tmp_name)
+    try:
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            written = tmp.stat().st_size
+        except OSError as e:
+            raise WriteError(f"cannot write {first}: {_describe(e)}") from None
+        if written != len(data):
+            raise WriteError(f"cannot write {first}: only {written} of {len(data)} bytes reached the disk (disk full?)")
+        os.chmod(tmp, 0o644)
+        return publish_new(tmp, name_for, start)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def publish_new(tmp: str | os.PathLike, name_for: Callable[[int], Path], start: int = 0,
                 limit: int = 1_000_000) -> tuple[int, Path]:
     """Move the finished file ``tmp`` to ``name_for(n)`` for the first ``n >= start`` not yet taken.

@@ -12,9 +12,17 @@ key/value + summary cache) lives in ``museformer.cache`` and the token grammar i
 - ``generate(...)``: the Python API: songs (token ids, a ``symusic.Score`` and their metadata).
 - ``prompt_from_midi(path, tokenizer, bars)``: a user's MIDI as a prompt, cut to its first bars.
 
-Stopping rules, all counted over the whole song (prompt included, BOS excluded): EOS (forbidden
-before ``min_tokens`` tokens, the paper's 1,024), ``max_bars`` complete bars, ``max_tokens`` tokens.
-A song stopped by ``max_tokens`` is cut back to its last complete bar so that it decodes cleanly.
+Stopping rules, all counted over the whole song (prompt included, BOS excluded):
+
+- without a bar limit: EOS (forbidden before ``min_tokens`` tokens, the paper's 1,024) or
+  ``max_tokens`` tokens;
+- with a bar limit ``max_bars`` = B: the song ends after its B-th complete bar, and EOS is forbidden
+  before that, so a song has exactly B bars (``min_tokens`` does not apply) unless ``max_tokens``
+  comes first;
+- a song stopped by ``max_tokens`` is cut back to its last complete bar so that it decodes cleanly.
+
+A prompt that already reaches a limit (B bars, ``max_tokens`` tokens) leaves nothing to generate and
+is refused by ``generate`` with a message naming both numbers (``docs/generation.md``).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from museformer.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 DEFAULT_TOP_K = 8  # the paper's setting
 DEFAULT_MIN_TOKENS = 1024  # the paper forbids EOS before 1,024 tokens
 DEFAULT_MAX_TOKENS = 20480  # the paper's --max-len-b
+TEMPO_RANGE = (16.0, 256.0)  # BPM the t-* tokens can say (grammar.MIN_BPM..MAX_BPM); others would be clipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,11 +63,14 @@ class SampleConfig:
         seed: base seed; song ``i`` of a run uses ``seed + i``, so a song does not depend on which
             other songs share its batch (None = a random seed, recorded in the sidecar).
         max_tokens: stop when the song (prompt included) has this many tokens.
-        max_bars: stop after this many complete bars (prompt included); None = no bar limit.
-        min_tokens: EOS is forbidden before the song has this many tokens (the paper: 1,024).
+        max_bars: the song has this many complete bars (prompt included): EOS is forbidden before
+            bar ``max_bars`` ends and the song stops there; None = no bar limit.
+        min_tokens: EOS is forbidden before the song has this many tokens (the paper: 1,024);
+            not used with ``max_bars``, which fixes the length.
         grammar: mask every step with the token grammar (guarantees songs that decode cleanly).
         instruments: allowed MIDI programs (128 = drums) for newly generated notes; None = all.
-        tempo: fix the tempo (BPM) of generated bars; None = the model chooses.
+        tempo: fix the tempo (BPM) of generated bars, 16..256 (what the tempo tokens can say);
+            None = the model chooses.
     """
 
     temperature: float = 1.0
@@ -95,8 +107,11 @@ class SampleConfig:
             if not programs or any(not isinstance(p, int) or not 0 <= p <= 128 for p in programs):
                 bad(f"instruments must be MIDI programs 0..127 or 128 (drums), got {self.instruments!r}")
             object.__setattr__(self, "instruments", programs)
-        if self.tempo is not None and (not isinstance(self.tempo, (int, float)) or not self.tempo > 0):
-            bad(f"tempo must be a positive BPM, got {self.tempo!r}")
+        if self.tempo is not None and (
+            not isinstance(self.tempo, (int, float)) or not TEMPO_RANGE[0] <= self.tempo <= TEMPO_RANGE[1]
+        ):
+            bad(f"tempo must be a BPM in {TEMPO_RANGE[0]:g}..{TEMPO_RANGE[1]:g} (the range of the tempo tokens), "
+                f"got {self.tempo!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -224,9 +239,10 @@ def build_grammar(tokenizer, config: SampleConfig):
         return None
     from museformer.grammar import Grammar, GrammarConstraints
 
+    # with a bar limit the song has exactly max_bars bars: EOS only after the last one
     constraints = GrammarConstraints(
         instruments=config.instruments, tempo_bpm=config.tempo, max_bars=config.max_bars,
-        min_tokens=config.min_tokens,
+        min_bars=config.max_bars or 1, min_tokens=config.min_tokens,
     )
     return Grammar.for_tokenizer(tokenizer, constraints=constraints)
 
@@ -304,7 +320,8 @@ def stream(
         # one mask of every forbidden token (fewer tensor ops per step: this loop runs per token)
         forbid = never.repeat(len(active), 1) if state is None else ~grammar.allowed(state)  # (B, V)
         forbid |= never
-        short = [row for row, i in enumerate(active) if lengths[i] < config.min_tokens]
+        short = [row for row, i in enumerate(active) if lengths[i] < config.min_tokens
+                 or (config.max_bars is not None and bars[i] < config.max_bars)]  # EOS only after bar B
         if short:
             forbid[short, EOS_ID] = True
         logits = logits.float().masked_fill(forbid, float("-inf"))
@@ -375,9 +392,9 @@ def _as_model(model, tokenizer, checkpoint, device):
         if tokenizer is None:
             raise MuseformerError("pass the model's tokenizer together with model=")
         return model, tokenizer, None
-    from museformer.checkpoint import load
+    from museformer.checkpoint import load, resolve_checkpoint
 
-    directory = Path(checkpoint) if checkpoint is not None else bundled_checkpoint()
+    directory = resolve_checkpoint(checkpoint) if checkpoint is not None else bundled_checkpoint()
     model, tokenizer = load(directory, device=device)
     return model, tokenizer, directory
 
@@ -410,26 +427,29 @@ def generate(
     """Generate songs with a checkpoint (default: the bundled model) or a given model.
 
     Args:
-        checkpoint: a checkpoint directory; None = the bundled model (unless ``model`` is given).
+        checkpoint: a checkpoint directory or a training run folder (its ``model/``, else its newest
+            ``checkpoints/step-N``: ``checkpoint.resolve_checkpoint``); None = the bundled model
+            (unless ``model`` is given).
         model, tokenizer: an already loaded model (eval mode) and its tokenizer.
         num_songs: how many songs.
         prompt: a MIDI file to continue, or prompt ids (no BOS); None = start from scratch.
         prompt_bars: keep only the first bars of the prompt.
         config: sampling options; keyword ``options`` override its fields
             (e.g. ``generate(max_bars=16, seed=1)``).
-        batch_size: songs decoded together (default: all of them).
+        batch_size: songs decoded together (None = all of them; else >= 1).
         device: where the model runs (``"cpu"`` or ``"cuda"``).
         progress: optional callable ``progress(song, token, finish)`` called for every event.
 
     Returns:
         the songs, in order; each has its ids, seed, finish reason and decoded score.
+
+    Raises:
+        MuseformerError: a bad option, or a prompt that leaves nothing to generate (it already has
+            ``max_bars`` bars or ``max_tokens`` tokens).
     """
     config = dataclasses.replace(config or SampleConfig(), **options) if options else (config or SampleConfig())
-    if num_songs < 1:
-        raise MuseformerError(f"number of songs must be >= 1, got {num_songs}")
-    batch_size = batch_size or num_songs
-    if batch_size < 1:
-        raise MuseformerError(f"batch size must be >= 1, got {batch_size}")
+    check_run_options(config, num_songs=num_songs, batch_size=batch_size, prompt_bars=prompt_bars)
+    batch_size = num_songs if batch_size is None else batch_size
     model, tokenizer, _ = _as_model(model, tokenizer, checkpoint, device)
     model.eval()
     if prompt is None:
@@ -440,6 +460,7 @@ def generate(
         prompt_ids = truncate_bars(prompt, prompt_bars, tokenizer.vocab.bar_id)
         if prompt_ids and prompt_ids[0] == BOS_ID:
             prompt_ids = prompt_ids[1:]
+    check_prompt_fits(prompt_ids, config, tokenizer.vocab.bar_id)
     grammar = build_grammar(tokenizer, config)
     seeds = song_seeds(config, num_songs)
     songs: list[Song] = []
@@ -464,6 +485,38 @@ def generate(
     return songs
 
 
+def check_run_options(config: SampleConfig, *, num_songs: int, batch_size: int | None,
+                      prompt_bars: int | None) -> None:
+    """Options of a run that ``SampleConfig`` alone cannot judge; ``MuseformerError`` naming the option."""
+    if not isinstance(num_songs, int) or num_songs < 1:
+        raise MuseformerError(f"number of songs must be >= 1, got {num_songs}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise MuseformerError(f"--batch-size must be >= 1 (omit it to decode all songs together), got {batch_size}")
+    if prompt_bars is not None:
+        if not isinstance(prompt_bars, int) or prompt_bars < 1:
+            raise MuseformerError(f"--prompt-bars must be >= 1, got {prompt_bars}")
+        if config.max_bars is not None and prompt_bars >= config.max_bars:
+            raise MuseformerError(
+                f"--prompt-bars {prompt_bars} leaves nothing to generate: songs have --bars {config.max_bars} bars "
+                f"in all, prompt included (use fewer prompt bars or more --bars)"
+            )
+
+
+def check_prompt_fits(prompt_ids: Sequence[int], config: SampleConfig, bar_id: int) -> None:
+    """Refuse a prompt that already reaches a length limit (0 tokens would be generated)."""
+    bars = sum(1 for t in prompt_ids if t == bar_id)
+    if config.max_bars is not None and bars >= config.max_bars:
+        raise MuseformerError(
+            f"the prompt has {bars} bars, so --bars {config.max_bars} (which counts the prompt) leaves nothing to "
+            f"generate; pass --prompt-bars N below {config.max_bars} or a larger --bars"
+        )
+    if len(prompt_ids) >= config.max_tokens:
+        raise MuseformerError(
+            f"the prompt has {len(prompt_ids)} tokens, so --max-tokens {config.max_tokens} (which counts the "
+            f"prompt) leaves nothing to generate"
+        )
+
+
 def _cut_to_last_bar(ids: list[int], bar_id: int, keep_at_least: int) -> list[int]:
     """Drop an unfinished last bar (but never prompt tokens)."""
     for i in range(len(ids) - 1, keep_at_least - 1, -1):
@@ -484,10 +537,30 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def save_song(song: Song, out_dir: str | os.PathLike, name: str, *, metadata: dict[str, Any],
-              render: bool = False, soundfont: str | os.PathLike | None = None) -> dict[str, Any]:
+SONG_PREFIX = "song_"
+
+
+def song_name(number: int) -> str:
+    """The file stem of song ``number`` in an output folder: ``song_000``, ``song_001``, ..."""
+    return f"{SONG_PREFIX}{number:03d}"
+
+
+def next_song_number(out_dir: str | os.PathLike) -> int:
+    """One past the highest ``song_NNN.mid`` in a folder (0 when there is none): where numbering starts."""
+    numbers = (int(p.stem[len(SONG_PREFIX):]) for p in Path(out_dir).glob(f"{SONG_PREFIX}*.mid")
+               if p.stem[len(SONG_PREFIX):].isdigit())
+    return 1 + max(numbers, default=-1)
+
+
+def save_song(song: Song, out_dir: str | os.PathLike, name: str | None = None, *, metadata: dict[str, Any],
+              render: bool = False, soundfont: str | os.PathLike | None = None, start: int = 0) -> dict[str, Any]:
     """Write one song: ``NAME.mid``, ``NAME.json`` (how to reproduce it) and, with ``render``,
-    ``NAME.png`` (piano roll) and ``NAME.wav``. Every file is written atomically.
+    ``NAME.png`` (piano roll) and ``NAME.wav``. Every file is written atomically and checked
+    (a short write, e.g. on a full disk, is a ``WriteError`` and never leaves a cut file).
+
+    With ``name=None`` the song takes the first free name ``song_NNN`` (NNN >= ``start``), claimed
+    with an exclusive create (``files.write_bytes_new``): runs writing into one folder at the same
+    time never overwrite each other. A given ``name`` replaces that song.
 
     Rendering problems (no matplotlib, no FluidSynth or soundfont) never cost the MIDI file: they
     are returned under ``"render_errors"`` (and recorded in the sidecar).
@@ -495,13 +568,16 @@ def save_song(song: Song, out_dir: str | os.PathLike, name: str, *, metadata: di
     Returns:
         the sidecar dict that was written.
     """
-    from museformer.files import atomic_path, write_text_atomic
+    from museformer.files import midi_bytes, write_bytes_atomic, write_bytes_new, write_text_atomic
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    midi = out / f"{name}.mid"
-    with atomic_path(midi) as tmp:
-        song.score.dump_midi(str(tmp))
+    data = midi_bytes(song.score)
+    if name is None:
+        number, midi = write_bytes_new(data, lambda n: out / f"{song_name(n)}.mid", start)
+        name = song_name(number)
+    else:
+        midi = out / f"{name}.mid"
+        write_bytes_atomic(midi, data)
     sidecar = {
         **metadata,
         "midi": midi.name,
@@ -542,17 +618,24 @@ def generate_to_folder(
     soundfont: str | os.PathLike | None = None,
     threads: int | None = None,
     log=None,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """What ``museformer generate`` does: generate songs and write them with their sidecars.
 
     Songs are named ``song_000.mid``, ``song_001.mid``, ... (continuing after the highest existing
-    number, so a second run never overwrites the first). Returns the sidecars.
+    number; each name is claimed with an exclusive create, so neither a second run nor one running
+    at the same time into the same folder ever overwrites a song). Every option and the output
+    folder are checked before the model is loaded. ``progress`` shows a tqdm bar (bars with a bar
+    limit, else tokens) on a terminal. Returns the sidecars.
     """
     import platform
 
     from museformer import __version__
+    from museformer.files import check_output_path
 
     config = config or SampleConfig()
+    check_output_path(out_dir, "dir", what="output folder")
+    check_run_options(config, num_songs=num_songs, batch_size=batch_size, prompt_bars=prompt_bars)
     if threads is not None:
         if threads < 1:
             raise MuseformerError(f"--threads must be >= 1, got {threads}")
@@ -566,10 +649,12 @@ def generate_to_folder(
     model, tokenizer, directory = _as_model(None, None, checkpoint, device)
     if config.seed is None:  # fix the seed now so the sidecars can name it
         config = dataclasses.replace(config, seed=song_seeds(config, 1)[0])
-    songs = generate(model=model, tokenizer=tokenizer, num_songs=num_songs, prompt=prompt, prompt_bars=prompt_bars,
-                     config=config, batch_size=batch_size, device=device)
+    with _progress_bar(progress, num_songs, config, tokenizer.vocab.bar_id) as on_event:
+        songs = generate(model=model, tokenizer=tokenizer, num_songs=num_songs, prompt=prompt,
+                         prompt_bars=prompt_bars, config=config, batch_size=batch_size, device=device,
+                         progress=on_event)
     out = Path(out_dir)
-    first = 1 + max((int(p.stem[5:]) for p in out.glob("song_*.mid") if p.stem[5:].isdigit()), default=-1)
+    first = next_song_number(out)
     metadata = {
         "museformer_version": __version__,
         "checkpoint": str(directory),
@@ -586,9 +671,9 @@ def generate_to_folder(
     }
     sidecars = []
     for k, song in enumerate(songs):
-        name = f"song_{first + k:03d}"
-        sidecar = save_song(song, out, name, metadata={**metadata, "song_index": k}, render=render,
-                            soundfont=soundfont)
+        sidecar = save_song(song, out, metadata={**metadata, "song_index": k}, render=render,
+                            soundfont=soundfont, start=first)
+        first = int(Path(sidecar["midi"]).stem[len(SONG_PREFIX):]) + 1
         sidecars.append(sidecar)
         if log is not None:
             log(f"{out / sidecar['midi']}: {song.num_tokens} tokens, {sidecar['bars']} bars ({song.finish})")
@@ -596,3 +681,38 @@ def generate_to_folder(
                 log(f"  not rendered: {problem}")
     return sidecars
 
+
+
+class _progress_bar:
+    """A tqdm bar over a run's bars (with a bar limit) or tokens; a no-op when ``enabled`` is False.
+
+    tqdm's ``disable=None`` turns it off when stderr is not a terminal (logs, pipes), as ``prepare``.
+    Entering yields the ``progress(song, token, finish)`` callback for ``generate``.
+    """
+
+    def __init__(self, enabled: bool, num_songs: int, config: SampleConfig, bar_id: int) -> None:
+        self.enabled, self.num_songs, self.config, self.bar_id = enabled, num_songs, config, bar_id
+        self.bar = None
+        self.finished = 0
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from tqdm.auto import tqdm
+
+        by_bars = self.config.max_bars is not None
+        self.bar = tqdm(total=self.num_songs * self.config.max_bars if by_bars else None,
+                        unit="bar" if by_bars else "token", desc="generating", disable=None, leave=True)
+        self.by_bars = by_bars
+        return self.on_event
+
+    def on_event(self, song: int, token: int, finish: str | None) -> None:
+        if token >= 0 and token != EOS_ID and (token == self.bar_id or not self.by_bars):
+            self.bar.update(1)
+        if finish is not None:
+            self.finished += 1
+            self.bar.set_postfix_str(f"{self.finished}/{self.num_songs} songs", refresh=False)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
