@@ -237,3 +237,109 @@ def test_cli_prepare(midi_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["prepare", str(tmp_path / "missing"), str(out), "--quiet"]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert main(["prepare", str(out)]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# workers, inputs that are not songs, outputs that cannot be written
+# ---------------------------------------------------------------------------------------------
+WORKER_SCRIPT = '''
+import os, sys, time
+from pathlib import Path
+
+from museformer.data import prepare
+from museformer.tokenizer import Tokenizer
+
+
+def slow_encode(path):
+    Path(os.environ["PIDS_DIR"], str(os.getpid())).touch()
+    time.sleep(120)
+
+
+if __name__ == "__main__":
+    prepare(sys.argv[1], sys.argv[2], Tokenizer(), progress=False, workers=2, chunk_size=1, encode_fn=slow_encode)
+'''
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (a reaped or exited worker is not alive)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigkill_of_prepare_takes_its_workers_with_it(midi_dir: Path, tmp_path: Path) -> None:
+    """`kill -9` of a prepare with 2 workers: the workers are gone within a few seconds."""
+    import signal
+    import time
+
+    script = tmp_path / "run_prepare.py"
+    script.write_text(WORKER_SCRIPT)
+    pids_dir = tmp_path / "pids"
+    pids_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script), str(midi_dir), str(tmp_path / "out")],
+                            env={**os.environ, "PIDS_DIR": str(pids_dir)})
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(pids) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            pids = [int(p.name) for p in pids_dir.iterdir()]
+        assert len(pids) == 2, "the two workers did not start"
+        assert all(_alive(pid) for pid in pids)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in pids if _alive(pid)], "workers outlived their parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in pids:  # only the workers this test started
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_prepare_of_a_folder_without_midi_fails_clearly(tmp_path: Path, capsys) -> None:
+    """`prepare docs/ out/` (no MIDI files) exits 1 naming the folder, instead of "0 ok"."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "notes.md").write_text("# not music\n")
+    assert main(["prepare", str(docs), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "holds no MIDI files" in err and str(docs) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_output_that_is_a_file_is_refused_before_work(midi_dir: Path, tmp_path: Path, capsys) -> None:
+    """An OUT_DIR that is an existing file is one line naming it; nothing is encoded."""
+    (tmp_path / "out").write_text("keep")
+    assert main(["prepare", str(midi_dir), str(tmp_path / "out"), "--quiet"]) == 1
+    assert "out is an existing file" in capsys.readouterr().err
+    assert (tmp_path / "out").read_text() == "keep"
+
+
+def test_short_shard_write_keeps_the_previous_shards(midi_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A shard whose bytes do not all reach the disk is a WriteError; the previous shards stay."""
+    import museformer.files
+    from museformer.errors import WriteError
+
+    out = tmp_path / "out"
+    prepare(midi_dir, out, Tokenizer(), progress=False)
+    before = read_shards(out)
+    real = museformer.files._CountingFile.write
+
+    def dropping(self, data):  # a full disk that says nothing: the last half of every write is lost
+        n = real(self, data)
+        self._f.truncate(max(self._f.tell() - len(memoryview(data).cast("B")) // 2, 0))
+        self._f.seek(0, 2)
+        return n
+
+    monkeypatch.setattr(museformer.files._CountingFile, "write", dropping)
+    with pytest.raises(WriteError, match=r"tokens\.bin: only \d+ of \d+ bytes reached the disk"):
+        prepare(midi_dir, out, Tokenizer(), progress=False)
+    monkeypatch.undo()
+    assert read_shards(out) == before and not list(out.glob(".*tmp"))

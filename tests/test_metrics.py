@@ -318,3 +318,80 @@ def test_cli_evaluate_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path / "ckpt"), str(tmp_path / "data")]) == 1
     assert "ckpt" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs that are not songs, outputs of the wrong kind
+# ---------------------------------------------------------------------------------------------
+def test_only_token_files_that_are_songs_are_read(tmp_path, capsys):
+    """Vocabulary lists, egg-info and notes (.txt files that are not token streams) are not songs."""
+    import museformer
+    from museformer.analysis import find_songs
+    from museformer.cli import main
+    from museformer.errors import MuseformerError
+
+    songs = [song_tokens(repeating_song(4, 6, seed=s)) for s in range(2)]
+    folder = write_token_folder(tmp_path / "gen", songs)
+    shutil.copytree(Path(museformer.__file__).parent / "vocabs", folder / "vocabs")
+    (folder / "museformer.egg-info").mkdir()
+    (folder / "museformer.egg-info" / "SOURCES.txt").write_text("src/museformer/cli.py\nsrc/museformer/data.py\n")
+    (folder / "notes.txt").write_text("b-1 p-60 but then words\n")
+    assert [s.name for s in find_songs(folder)] == ["songs.txt:1", "songs.txt:2"]
+    # a folder of only such files has no songs: a clear error, not an empty table
+    (folder / "songs.txt").unlink()
+    with pytest.raises(MuseformerError, match=r"no MIDI .* songs found \(4 \.txt file\(s\) are not token songs\)"):
+        find_songs(folder)
+    assert main(["evaluate", "--structure", str(folder), "--reference", str(folder), "--quiet"]) == 1
+    assert "not token songs" in capsys.readouterr().err
+
+
+def test_folder_with_midi_and_token_dumps_needs_a_choice(tmp_path, capsys):
+    """tests/data (MIDI files next to token dumps of the same songs) is refused unless --only picks a kind."""
+    from museformer.cli import main
+
+    assert main(["analyze", str(DATA), "-o", str(tmp_path / "r"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "holds both MIDI files (5)" in err and "--only midi" in err
+    assert main(["analyze", str(DATA), "-o", str(tmp_path / "r"), "--quiet", "--only", "midi",
+                 "--max-interval", "4"]) == 0
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["songs"] == 5
+
+
+def test_output_paths_of_the_wrong_kind_are_refused_before_work(tmp_path, capsys, monkeypatch):
+    """analyze -o FILE, evaluate -o DIR, encode -o DIR, decode -o DIR: one line naming the path, no work."""
+    import museformer.analysis
+    from museformer.cli import main
+
+    songs = write_token_folder(tmp_path / "songs", [song_tokens(repeating_song(4, 6, seed=0))])
+    (tmp_path / "file").write_text("keep")
+    (tmp_path / "dir").mkdir()
+    monkeypatch.setattr(museformer.analysis, "analyze_songs", lambda *a, **k: pytest.fail("did the work"))
+    for args, message in (
+        (["analyze", str(songs), "-o", str(tmp_path / "file")], "file is an existing file"),
+        (["analyze", str(songs), "-o", str(tmp_path / "file" / "sub")], "file is a file, not a folder"),
+        (["evaluate", "--structure", str(songs), "--reference", str(songs), "-o", str(tmp_path / "dir")],
+         "dir is an existing folder"),
+        (["encode", str(DATA / "bach_bwv269.mid"), "-o", str(tmp_path / "dir")], "dir is an existing folder"),
+        (["decode", str(songs / "songs.txt"), "-o", str(tmp_path / "dir")], "dir is an existing folder"),
+    ):
+        assert main(args) == 1, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_decode_on_a_full_disk_keeps_the_good_file(tmp_path, capsys, monkeypatch):
+    """`decode -o` whose write is cut says so in one line (exit 1) and leaves the old MIDI file as it was."""
+    from museformer.cli import main
+
+    songs = write_token_folder(tmp_path / "songs", [song_tokens(repeating_song(4, 6, seed=0))])
+    out = tmp_path / "song.mid"
+    assert main(["decode", str(songs / "songs.txt"), "-o", str(out)]) == 0
+    good = out.read_bytes()
+    real = Path.write_bytes
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: real(self, data[:10]))
+    assert main(["decode", str(songs / "songs.txt"), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "song.mid: only 10 of" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.undo()
+    assert out.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["song.mid", "songs"]
