@@ -285,9 +285,9 @@ def test_sampling_options_are_checked(model):
 ])
 def test_cli_rejects_options_before_loading_the_model(tmp_path, capsys, monkeypatch, args, message):
     """Bad generation options are one line, exit 1, before the model is loaded and nothing is written."""
-    import museformer.generate
+    import museformer.songs
 
-    monkeypatch.setattr(museformer.generate, "_as_model", lambda *a: pytest.fail("loaded the model"))
+    monkeypatch.setattr(museformer.songs, "_as_model", lambda *a: pytest.fail("loaded the model"))
     assert main(["generate", "-o", str(tmp_path / "out"), *args]) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
@@ -296,9 +296,9 @@ def test_cli_rejects_options_before_loading_the_model(tmp_path, capsys, monkeypa
 
 def test_cli_output_that_is_a_file_is_refused_before_work(tmp_path, capsys, monkeypatch):
     """`generate -o FILE` names the file and stops before loading the model."""
-    import museformer.generate
+    import museformer.songs
 
-    monkeypatch.setattr(museformer.generate, "_as_model", lambda *a: pytest.fail("loaded the model"))
+    monkeypatch.setattr(museformer.songs, "_as_model", lambda *a: pytest.fail("loaded the model"))
     (tmp_path / "taken").write_text("keep")
     assert main(["generate", "--bars", "1", "-o", str(tmp_path / "taken")]) == 1
     assert "taken is an existing file" in capsys.readouterr().err
@@ -320,10 +320,11 @@ def test_concurrent_runs_into_one_folder_never_overwrite(checkpoint, tmp_path, m
     """Two generate runs into one folder at once keep every song (names claimed by exclusive create)."""
     import threading
 
-    import museformer.generate
-    from museformer.generate import SampleConfig, generate_to_folder
+    import museformer.songs
+    from museformer.generate import SampleConfig
+    from museformer.songs import generate_to_folder
 
-    real = museformer.generate.generate
+    real = museformer.songs.generate
     both_generated = threading.Barrier(2, timeout=60)
 
     def generate_then_wait(*args, **kwargs):  # both runs pick their names at the same moment
@@ -331,7 +332,7 @@ def test_concurrent_runs_into_one_folder_never_overwrite(checkpoint, tmp_path, m
         both_generated.wait()
         return songs
 
-    monkeypatch.setattr(museformer.generate, "generate", generate_then_wait)
+    monkeypatch.setattr(museformer.songs, "generate", generate_then_wait)
     out = tmp_path / "songs"
     results = {}
 
@@ -396,7 +397,8 @@ def test_progress_bar_counts_bars_and_is_off_when_quiet(checkpoint, tmp_path, mo
     """generate's progress bar counts every bar of every song; --quiet (progress=False) shows none."""
     import tqdm.auto
 
-    from museformer.generate import SampleConfig, generate_to_folder
+    from museformer.generate import SampleConfig
+    from museformer.songs import generate_to_folder
 
     bars = []
 

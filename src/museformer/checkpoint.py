@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from torch import nn
 
 from museformer import __version__
 from museformer.errors import MuseformerError
-from museformer.files import atomic_path, write_bytes_atomic
+from museformer.files import atomic_path
 from museformer.model import Museformer, MuseformerConfig
 
 CONFIG_FILE = "config.json"

@@ -396,7 +396,8 @@ def _program_list(text: str) -> tuple[int, ...]:
 
 
 def _generate(args) -> int:
-    from museformer.generate import DEFAULT_MAX_TOKENS, SampleConfig, generate_to_folder
+    from museformer.generate import DEFAULT_MAX_TOKENS, SampleConfig
+    from museformer.songs import generate_to_folder
 
     config = SampleConfig(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
