@@ -283,3 +283,60 @@ def test_program_32_is_bass_in_lmd6_ids():
     assert UNK_ID not in lmd6.encode(score, as_ids=True).tolist()
     general = Tokenizer(**{**lmd6.config.to_dict(), "vocab": "general"})
     assert "i-32" in general.encode(score)  # the official text, where the vocabulary has i-32
+
+
+# ---------------------------------------------------------------------------------------------
+# the official MIDI reading rule (program at the note-off; tests/data/reading/)
+# ---------------------------------------------------------------------------------------------
+READING = DATA / "reading"
+
+
+def _official_notes() -> list[tuple]:
+    """(start, end, pitch, velocity, instrument) of miditoolkit 1.0.1's reading of the fixture."""
+    import json
+
+    out = []
+    for inst in json.loads((READING / "program_changes.json").read_text()):
+        program = 128 if inst["is_drum"] else inst["program"]
+        out += [(*n, program) for n in inst["notes"]]
+    return sorted(out)
+
+
+def test_read_notes_equals_miditoolkit_on_program_changes() -> None:
+    """Program changes between a note's on and off (and at their ticks) file notes as miditoolkit does."""
+    from museformer import midi_programs
+
+    data = (READING / "program_changes.mid").read_bytes()
+    assert midi_programs.may_differ(data)
+    raw = midi_programs.read_notes(data)
+    inst = np.where(raw.is_drum, 128, raw.program)
+    got = sorted(zip(*(a.tolist() for a in (raw.start, raw.end, raw.pitch, raw.velocity, inst))))
+    assert got == _official_notes()
+    # instruments are numbered in miditoolkit's creation order (first note closed)
+    import json
+
+    want_order = [(i["program"], i["is_drum"]) for i in json.loads((READING / "program_changes.json").read_text())]
+    firsts = [int(np.flatnonzero(raw.group == g)[0]) for g in range(raw.group.max() + 1)]
+    assert [(int(raw.program[k]), bool(raw.is_drum[k])) for k in firsts] == want_order
+
+
+def test_encode_file_uses_the_program_at_the_note_off() -> None:
+    """encode_file gives every note the instrument the official encoder gives it, not symusic's."""
+    tok = Tokenizer()
+    tokens = tok.encode_file(READING / "program_changes.mid")
+    decoded = tok.decode(tokens)
+    got = sorted((n.time // 40, n.pitch, t.program if not t.is_drum else 128) for t in decoded.tracks for n in t.notes)
+    want = sorted((s * 12 // 480, p, i) for s, _, p, _, i in _official_notes())
+    assert got == want
+    # symusic alone files the first note under 29 (its note-on program): the rule matters here
+    score = symusic.Score(str(READING / "program_changes.mid"))
+    assert tok.encode(score) != tokens
+
+
+def test_files_without_late_program_changes_skip_the_event_walk(tmp_path: Path) -> None:
+    """may_differ is False for files whose program changes all precede their notes (symusic is exact)."""
+    from museformer import midi_programs
+
+    for midi in MIDIS:
+        assert not midi_programs.may_differ(midi.read_bytes())
+    assert not midi_programs.may_differ(b"not a midi file")
