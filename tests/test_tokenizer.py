@@ -97,6 +97,25 @@ def test_round_trip_keeps_every_note_on_real_files(midi: Path) -> None:
     assert again == [("d-1" if t == "d-0" else t) for t in tok.encode(score)]
 
 
+def test_same_pitch_notes_starting_together_survive_a_midi_file(tmp_path: Path) -> None:
+    """decode -> MIDI file -> encode keeps notes of one pitch and onset with different durations."""
+    from museformer.tokenizer import write_midi
+
+    rng = np.random.default_rng(3)
+    score = symusic.Score(480)
+    for program, drum in [(0, False), (25, False), (0, True)]:
+        track = symusic.Track(str(program), program, drum)
+        for k in range(40):  # onset k uses pitch 30 + k only: notes of one pitch all start together
+            for _ in range(int(rng.integers(2, 4))):
+                dur = int(rng.choice([40, 120, 480, 1000, 2000]))
+                track.notes.append(symusic.Note(k * 240, dur, 30 + k, int(rng.integers(1, 128))))
+        score.tracks.append(track)
+    tok = Tokenizer()
+    tokens = tok.encode(score)
+    write_midi(tok.decode(tokens), tmp_path / "song.mid")
+    assert tok.encode_file(tmp_path / "song.mid") == tokens
+
+
 def _synthetic_score() -> symusic.Score:
     """Several time signatures, tempo changes, drums, overlapping notes, notes longer than a bar."""
     sc = symusic.Score(480)

@@ -642,6 +642,10 @@ def _build_score(notes, tempos, sigs) -> symusic.Score:
     for inst in sorted(notes):
         track = symusic.Track(str(inst), 0 if inst == DRUMS else inst, inst == DRUMS)
         a = np.array(notes[inst], dtype=np.int64)  # (N, 4): time, duration, pitch, velocity
+        # MIDI readers close the oldest open note of a pitch first, and a writer emits note-ons of
+        # one tick in list order: notes that start together must come shortest first, or a
+        # reader swaps their durations (and so their velocities)
+        a = a[np.lexsort((a[:, 1], a[:, 0]))]
         track.notes = symusic.Note.from_numpy(
             a[:, 0].astype(np.int32), a[:, 1].astype(np.int32), a[:, 2].astype(np.int8), a[:, 3].astype(np.int8)
         )
