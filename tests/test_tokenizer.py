@@ -359,3 +359,65 @@ def test_files_without_late_program_changes_skip_the_event_walk(tmp_path: Path) 
     for midi in MIDIS:
         assert not midi_programs.may_differ(midi.read_bytes())
     assert not midi_programs.may_differ(b"not a midi file")
+
+
+# ---------------------------------------------------------------------------------------------
+# tokens the vocabulary lacks (prepare --on-unknown)
+# ---------------------------------------------------------------------------------------------
+def _unknown_corpus(folder: Path) -> Path:
+    """A chorale that lmd6 encodes cleanly and a 12/8 song whose o-66 the lmd6remi vocabulary lacks."""
+    import shutil
+
+    folder.mkdir()
+    shutil.copy(DATA / "bach_bwv66_6.mid", folder / "chorale.mid")
+    score = symusic.Score(480)
+    score.time_signatures.append(symusic.TimeSignature(0, 12, 8))
+    track = symusic.Track("piano", 0, False)
+    for pos in (0, 66):  # 12/8 bars hold 72 positions; lmd6remi has o-0 .. o-63
+        track.notes.append(symusic.Note(pos * 40, 240, 60, 80))
+    score.tracks.append(track)
+    score.dump_midi(str(folder / "twelve_eight.mid"))
+    return folder
+
+
+def test_prepare_counts_and_reports_unknown_tokens(tmp_path: Path) -> None:
+    """Songs with <unk> ids are kept by default, counted in the summary and meta.json, or skipped."""
+    import json
+
+    from museformer.data import Corpus, prepare
+
+    midi = _unknown_corpus(tmp_path / "midi")
+    tok = Tokenizer.preset("lmd6")
+    report = prepare(midi, tmp_path / "keep", tok, progress=False, valid_fraction=0, test_fraction=0)
+    assert report.unknown == (("twelve_eight.mid", 1),) and report.failed == ()
+    assert "1 song with 1 token not in the vocabulary (kept" in report.summary()
+    meta = json.loads((tmp_path / "keep" / "meta.json").read_text())
+    assert meta["unknown_tokens"] == {"on_unknown": "keep", "songs": 1, "tokens": 1,
+                                      "per_song": {"twelve_eight.mid": 1}}  # fmt: skip
+    assert [int((s.ids == UNK_ID).sum()) for s in Corpus(tmp_path / "keep")] == [0, 1]
+
+    report = prepare(midi, tmp_path / "skip", tok, progress=False, on_unknown="skip",
+                     valid_fraction=0, test_fraction=0)  # fmt: skip
+    assert report.songs["train"] == 1 and [rel for rel, _ in report.failed] == ["twelve_eight.mid"]
+    assert "not in the vocabulary lmd6remi" in (tmp_path / "skip" / "failed.tsv").read_text()
+    assert "1 failed" in report.summary() and "(skipped" in report.summary()
+
+    with pytest.raises(MuseformerError, match="twelve_eight.mid"):
+        prepare(midi, tmp_path / "fail", tok, progress=False, on_unknown="fail")
+    assert not (tmp_path / "fail" / "meta.json").exists()
+    with pytest.raises(MuseformerError, match="on_unknown"):
+        prepare(midi, tmp_path / "bad", tok, progress=False, on_unknown="drop")
+
+
+def test_cli_prepare_on_unknown(tmp_path: Path, capsys) -> None:
+    """prepare --vocab lmd6remi --sort-insts id reports its <unk> ids; --on-unknown fail is one line."""
+    midi = _unknown_corpus(tmp_path / "midi")
+    assert main(["prepare", str(midi), str(tmp_path / "out"), "--vocab", "lmd6remi", "--sort-insts", "id",
+                 "--workers", "1", "--quiet"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    # the chorale's s-9 (ignore_ts is off) and the 12/8 song's s-*, o-66 are not in lmd6remi
+    assert "2 songs with" in out and "not in the vocabulary (kept" in out
+    assert main(["prepare", str(midi), str(tmp_path / "out2"), "--preset", "lmd6", "--workers", "1",
+                 "--quiet", "--on-unknown", "fail"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "twelve_eight.mid" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
