@@ -640,17 +640,42 @@ def _build_score(notes, tempos, sigs) -> symusic.Score:
     for time, (n, d) in sigs or [(0, DEFAULT_TIME_SIGNATURE)]:
         score.time_signatures.append(symusic.TimeSignature(time, n, d))
     for inst in sorted(notes):
-        track = symusic.Track(str(inst), 0 if inst == DRUMS else inst, inst == DRUMS)
         a = np.array(notes[inst], dtype=np.int64)  # (N, 4): time, duration, pitch, velocity
         # MIDI readers close the oldest open note of a pitch first, and a writer emits note-ons of
         # one tick in list order: notes that start together must come shortest first, or a
         # reader swaps their durations (and so their velocities)
         a = a[np.lexsort((a[:, 1], a[:, 0]))]
-        track.notes = symusic.Note.from_numpy(
-            a[:, 0].astype(np.int32), a[:, 1].astype(np.int32), a[:, 2].astype(np.int8), a[:, 3].astype(np.int8)
-        )
-        score.tracks.append(track)
+        for layer in _fifo_layers(a):
+            track = symusic.Track(str(inst), 0 if inst == DRUMS else inst, inst == DRUMS)
+            track.notes = symusic.Note.from_numpy(
+                layer[:, 0].astype(np.int32), layer[:, 1].astype(np.int32),
+                layer[:, 2].astype(np.int8), layer[:, 3].astype(np.int8),
+            )  # fmt: skip
+            score.tracks.append(track)
     return score
+
+
+def _fifo_layers(a: np.ndarray) -> list[np.ndarray]:
+    """Split one instrument's notes (sorted by onset, then duration) into tracks a reader recovers.
+
+    A note of a pitch that starts while an earlier one of that pitch sounds and ends before it
+    (nested, e.g. two voices of one instrument in unison) would be paired first-in first-out with
+    the wrong note-off. Each such note goes to the first extra track of the same instrument where
+    the notes of its pitch end in onset order; the encoder merges the tracks of an instrument again.
+    Most songs need one track.
+    """
+    ends = a[:, 0] + a[:, 1]
+    layer_of = np.zeros(len(a), dtype=np.int64)
+    last_end: list[dict[int, int]] = [{}]  # per layer: pitch -> end of its latest note
+    for k, (pitch, end) in enumerate(zip(a[:, 2].tolist(), ends.tolist())):
+        layer = 0
+        while last_end[layer].get(pitch, end) > end:
+            layer += 1
+            if layer == len(last_end):
+                last_end.append({})
+        last_end[layer][pitch] = end
+        layer_of[k] = layer
+    return [a[layer_of == i] for i in range(len(last_end))]
 
 
 # ---------------------------------------------------------------------------------------------
