@@ -77,19 +77,22 @@ def may_differ(data: bytes) -> bool:
         chunks = _track_chunks(data)
     except ValueError:
         return False
-    raw = np.frombuffer(data, dtype=np.uint8)
-    for start, end in chunks:
-        b = raw[start:end]
-        kind, channel = b >> 4, b & 0x0F
-        on = np.flatnonzero(kind == 0x9)
-        if len(on) == 0:
-            continue
-        first_on = np.full(16, len(b))
-        np.minimum.at(first_on, channel[on], on)  # first 0x9n byte of each channel n
-        change = np.flatnonzero(kind == 0xC)
-        if (change > first_on[channel[change]]).any():
-            return True
-    return False
+    if not chunks:
+        return False
+    b = np.frombuffer(data, dtype=np.uint8, count=chunks[-1][1])[chunks[0][0] :]
+    starts = np.zeros(len(b), dtype=np.int64)
+    starts[[s - chunks[0][0] for s, _ in chunks[1:]]] = 1
+    # key of a byte: track * 16 + the channel it would address (chunk headers count for the track
+    # before them, which can only add candidates)
+    key = np.cumsum(starts) * 16 + (b & 0x0F)
+    kind = b >> 4
+    on = np.flatnonzero(kind == 0x9)
+    if len(on) == 0:
+        return False
+    first_on = np.full(16 * len(chunks), len(b))
+    np.minimum.at(first_on, key[on], on)  # first 0x9n byte of each track and channel
+    change = np.flatnonzero(kind == 0xC)
+    return bool((change > first_on[key[change]]).any())
 
 
 def read_notes(data: bytes) -> RawNotes | None:
