@@ -118,6 +118,9 @@ def add_prepare(sub) -> None:
     p.add_argument("--valid-fraction", type=float, default=0.1, help="hash-split share of valid (default 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="hash-split share of test (default 0.1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--on-unknown", default="keep", choices=["keep", "skip", "fail"],
+                   help="a song with tokens the vocabulary lacks (<unk> ids): keep it (default), skip it "
+                   "(listed in failed.tsv) or fail; counts go to meta.json and the summary either way")
     add_encoding_options(p)
     p.set_defaults(handler=_prepare)
 
@@ -144,7 +147,7 @@ def _prepare(args) -> int:
         input_dir, out_dir = (Path(x) for x in args.paths)
     report = prepare(input_dir, out_dir, tokenizer_from_args(args), workers=args.workers,
                      split_lists=args.split_lists, valid_fraction=args.valid_fraction,
-                     test_fraction=args.test_fraction, progress=not args.quiet)
+                     test_fraction=args.test_fraction, progress=not args.quiet, on_unknown=args.on_unknown)
     print(report.summary())
     return 0
 

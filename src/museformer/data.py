@@ -41,9 +41,10 @@ import numpy as np
 
 from museformer.errors import MuseformerError
 from museformer.files import atomic_open, check_output_path, write_text_atomic
-from museformer.vocab import BOS_ID, EOS_ID
+from museformer.vocab import BOS_ID, EOS_ID, UNK_ID
 
 SPLITS = ("train", "valid", "test")
+ON_UNKNOWN = ("keep", "skip", "fail")  # what prepare does with a song holding <unk> ids
 MIDI_SUFFIXES = (".mid", ".midi")
 FORMAT = "museformer-corpus"
 FORMAT_VERSION = 1
@@ -227,6 +228,8 @@ class PrepareReport:
     encoded: int  # files encoded by this run
     reused: int  # files taken from the resume cache
     unlisted: int = 0  # files in no split list (only with split lists)
+    unknown: tuple[tuple[str, int], ...] = ()  # (relative path, <unk> ids) of songs holding any
+    on_unknown: str = "keep"  # what was done with those songs: kept, or skipped (in ``failed``)
 
     def summary(self) -> str:
         ok = sum(self.songs.values())
@@ -237,6 +240,11 @@ class PrepareReport:
         )
         if self.unlisted:
             line += f", {self.unlisted} in no split list"
+        if self.unknown:
+            done = "kept" if self.on_unknown == "keep" else "skipped"
+            songs, total = len(self.unknown), sum(n for _, n in self.unknown)
+            line += (f", {songs} song{'s' * (songs != 1)} with {total:,} token{'s' * (total != 1)} not in "
+                     f"the vocabulary ({done}; see meta.json)")
         return line
 
 
@@ -272,6 +280,7 @@ def prepare(
     progress: bool = True,
     encode_fn: EncodeFn | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    on_unknown: str = "keep",
 ) -> PrepareReport:
     """Encode every MIDI file under ``input_dir`` and write train/valid/test shards to ``out_dir``.
 
@@ -296,6 +305,10 @@ def prepare(
             Must be picklable when ``workers > 1``.
         on_chunk: called with the number of chunks finished after each one is safely on disk
             (a hook for tests and callers that want to stop early by raising).
+        on_unknown: a song with tokens the vocabulary lacks (``<unk>`` ids, e.g. ``o-66`` of a
+            12/8 bar with ``lmd6remi``): ``"keep"`` it, ``"skip"`` it (listed in ``failed.tsv``),
+            or ``"fail"``: raise before any shard is written (the encoded files stay cached).
+            Either way the counts per song go to ``meta.json`` and the summary line.
 
     Returns:
         A ``PrepareReport``.
@@ -303,6 +316,8 @@ def prepare(
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     if workers < 1:
         raise MuseformerError(f"--workers must be at least 1, got {workers}")
+    if on_unknown not in ON_UNKNOWN:
+        raise MuseformerError(f"on_unknown must be one of {', '.join(ON_UNKNOWN)}, got {on_unknown!r}")
     if not (0 <= valid_fraction <= 1 and 0 <= test_fraction <= 1 and valid_fraction + test_fraction <= 1):
         raise MuseformerError(
             f"split fractions must lie in [0, 1] and sum to at most 1, got valid {valid_fraction}, "
@@ -323,7 +338,7 @@ def prepare(
     chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
     _encode_all(chunks, encode, input_dir, keys, cache, workers, progress, len(relpaths), reused, on_chunk)
     return _write_shards(input_dir, out_dir, tokenizer, relpaths, keys, cache, lists,
-                         valid_fraction, test_fraction, encoded=len(todo), reused=reused)
+                         valid_fraction, test_fraction, encoded=len(todo), reused=reused, on_unknown=on_unknown)
 
 
 def _encode_all(chunks, encode, root, keys, cache, workers, progress, total, reused, on_chunk) -> None:
@@ -377,17 +392,28 @@ def _encode_all(chunks, encode, root, keys, cache, workers, progress, total, reu
 
 
 def _write_shards(input_dir, out_dir, tokenizer, relpaths, keys, cache, lists, valid_fraction,
-                  test_fraction, *, encoded, reused) -> PrepareReport:
+                  test_fraction, *, encoded, reused, on_unknown="keep") -> PrepareReport:
     """Assemble the shards from the cache in relative-path order; meta.json is written last."""
     members: dict[str, list[str]] = {s: [] for s in SPLITS}
     failed: list[tuple[str, str]] = []
     unlisted = 0
     opened: dict = {}
+    unknown: list[tuple[str, int]] = []
     for rel in relpaths:
-        _, error = cache.result(keys[rel], opened)
+        ids, error = cache.result(keys[rel], opened)
         if error:
             failed.append((rel, error))
             continue
+        n_unknown = int(np.count_nonzero(ids == UNK_ID))
+        if n_unknown:
+            unknown.append((rel, n_unknown))
+            why = f"{n_unknown} of {len(ids)} tokens are not in the vocabulary {tokenizer.vocab.name}"
+            if on_unknown == "fail":
+                raise MuseformerError(f"{input_dir / rel}: {why} (on_unknown='fail'; nothing written, "
+                                      "encoded files are kept for the next run)")
+            if on_unknown == "skip":
+                failed.append((rel, f"{why} (on_unknown='skip')"))
+                continue
         split = _listed_split(rel, lists) if lists is not None else hash_split(rel, valid_fraction, test_fraction)
         if split is None:
             unlisted += 1
@@ -423,11 +449,13 @@ def _write_shards(input_dir, out_dir, tokenizer, relpaths, keys, cache, lists, v
         "files": len(relpaths),
         "failed": len(failed),
         "unlisted": unlisted,
+        "unknown_tokens": {"on_unknown": on_unknown, "songs": len(unknown),
+                           "tokens": sum(n for _, n in unknown), "per_song": dict(unknown)},
         "splits": {s: {"songs": counts[s], "tokens": tokens[s]} for s in SPLITS},
         "versions": _versions(),
     }
     write_text_atomic(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
-    return PrepareReport(out_dir, counts, tokens, tuple(failed), encoded, reused, unlisted)
+    return PrepareReport(out_dir, counts, tokens, tuple(failed), encoded, reused, unlisted, tuple(unknown), on_unknown)
 
 
 # ---------------------------------------------------------------------------------------------

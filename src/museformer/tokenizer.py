@@ -25,7 +25,8 @@ Python loop per note and per position (SPEC.md section 1; docs/tokenizer.md list
   with the bar of the last onset).
 
 Where miditoolkit and symusic disagree (see docs/tokenizer.md) this module follows what the
-official encoder produces on the same file. Zero-length notes, which crash the official encoder,
+official encoder produces on the same file: ``encode_file`` files each note under the program in
+force at its note-off, as miditoolkit does (``museformer.midi_programs``). Zero-length notes, which crash the official encoder,
 are encoded with duration bin 0.
 
 Instrument order ``"6tracks"`` (the LMD setting) ranks lead (80), drums (128), bass (43 and 32),
@@ -46,7 +47,8 @@ import symusic
 
 from museformer import __version__
 from museformer.errors import MuseformerError
-from museformer.files import atomic_path, write_text_atomic
+from museformer import midi_programs
+from museformer.files import write_midi_atomic, write_text_atomic
 from museformer.vocab import SPECIAL_SYMBOLS, Vocab
 
 # ---------------------------------------------------------------------------------------------
@@ -230,10 +232,15 @@ class Tokenizer:
         """Encode a MIDI file; raises ``MuseformerError`` naming it if it is unreadable or empty."""
         path = Path(path)
         try:
-            score = symusic.Score(str(path))
+            data = path.read_bytes()
+            score = symusic.Score.from_midi(data)
         except Exception as e:  # symusic raises several types for corrupt files
             raise MuseformerError(f"cannot read MIDI file {path}: {e}") from None
-        return self.encode(score, as_ids=as_ids, name=str(path))
+        # the official reader files a note under the program at its note-off; symusic, at its
+        # note-on: where a program change may fall in between, take the programs from the events
+        raw = midi_programs.read_notes(data) if midi_programs.may_differ(data) else None
+        codes = self._encode_codes(score, str(path), raw)
+        return self._text_to_id[codes] if as_ids else _TEXT[codes].tolist()
 
     def encode(self, score: symusic.Score, as_ids: bool = False, name: str = "score") -> list[str] | np.ndarray:
         """Encode a score: token texts, or int64 vocabulary ids (no BOS/EOS) with ``as_ids``."""
@@ -242,14 +249,15 @@ class Tokenizer:
             return self._text_to_id[codes]
         return _TEXT[codes].tolist()
 
-    def _encode_codes(self, score: symusic.Score, name: str) -> np.ndarray:
+    def _encode_codes(self, score: symusic.Score, name: str, raw: midi_programs.RawNotes | None = None) -> np.ndarray:
         cfg = self.config
         if score.ticks_per_quarter <= 0:
             raise MuseformerError(f"{name}: invalid ticks per quarter {score.ticks_per_quarter}")
         tpq = score.ticks_per_quarter
-        starts, ends, pitches, velocities, insts, tracks = _collect_notes(
-            score, cfg.sort_insts == "6tracks", self._keep_program_32
-        )
+        if raw is None:
+            raw = _score_notes(score)
+        starts, ends, pitches, velocities, tracks = raw.start, raw.end, raw.pitch, raw.velocity, raw.group
+        insts = _instruments(raw.program, raw.is_drum, cfg.sort_insts == "6tracks", self._keep_program_32)
         if len(starts) == 0:
             raise MuseformerError(f"{name}: the MIDI file has no notes")
         if starts.min() < 0:
@@ -422,29 +430,37 @@ def _to_pos(ticks: np.ndarray, tpq: int) -> np.ndarray:
     return np.rint(ticks.astype(np.int64) * POSITIONS_PER_QUARTER / tpq).astype(np.int64)
 
 
-def _collect_notes(score: symusic.Score, six_tracks: bool, keep_program_32: bool = True):
-    """All notes of all tracks as flat arrays (start, end, pitch, velocity, instrument, track)."""
-    cols: list[list[np.ndarray]] = [[], [], [], [], [], []]
+def _score_notes(score: symusic.Score) -> midi_programs.RawNotes:
+    """All notes of all tracks as flat arrays; ``group`` is the track index."""
+    cols: list[list[np.ndarray]] = [[], [], [], [], [], [], []]
     for index, track in enumerate(score.tracks):
         n = len(track.notes)
         if n == 0:
             continue
         a = track.notes.numpy()
-        inst = DRUMS if track.is_drum else int(track.program)
-        if six_tracks:
-            inst = six_track_program(inst, track.is_drum)
-            if inst == 32 and not keep_program_32:
-                inst = 43
         start = a["time"].astype(np.int64)
         cols[0].append(start)
         cols[1].append(start + a["duration"].astype(np.int64))
         cols[2].append(a["pitch"].astype(np.int64))
         cols[3].append(a["velocity"].astype(np.int64))
-        cols[4].append(np.full(n, inst, dtype=np.int64))
-        cols[5].append(np.full(n, index, dtype=np.int64))
+        cols[4].append(np.full(n, int(track.program), dtype=np.int64))
+        cols[5].append(np.full(n, bool(track.is_drum)))
+        cols[6].append(np.full(n, index, dtype=np.int64))
     if not cols[0]:
-        return tuple(np.zeros(0, dtype=np.int64) for _ in range(6))
-    return tuple(np.concatenate(c) for c in cols)
+        empty = np.zeros(0, dtype=np.int64)
+        return midi_programs.RawNotes(empty, empty, empty, empty, empty, empty.astype(bool), empty)
+    return midi_programs.RawNotes(*(np.concatenate(c) for c in cols))
+
+
+def _instruments(program: np.ndarray, is_drum: np.ndarray, six_tracks: bool, keep_program_32: bool = True) -> np.ndarray:
+    """Instrument id of every note: the program, 128 for drums, mapped to 6tracks if asked."""
+    insts = np.where(is_drum, DRUMS, program).astype(np.int64)
+    if six_tracks:
+        table = np.array([six_track_program(p, False) for p in range(128)] + [DRUMS], dtype=np.int64)
+        if not keep_program_32:
+            table[32] = 43
+        insts = table[insts]
+    return insts
 
 
 def _first_track_at_onset(onset: np.ndarray, insts: np.ndarray, tracks: np.ndarray) -> np.ndarray:
@@ -624,13 +640,42 @@ def _build_score(notes, tempos, sigs) -> symusic.Score:
     for time, (n, d) in sigs or [(0, DEFAULT_TIME_SIGNATURE)]:
         score.time_signatures.append(symusic.TimeSignature(time, n, d))
     for inst in sorted(notes):
-        track = symusic.Track(str(inst), 0 if inst == DRUMS else inst, inst == DRUMS)
         a = np.array(notes[inst], dtype=np.int64)  # (N, 4): time, duration, pitch, velocity
-        track.notes = symusic.Note.from_numpy(
-            a[:, 0].astype(np.int32), a[:, 1].astype(np.int32), a[:, 2].astype(np.int8), a[:, 3].astype(np.int8)
-        )
-        score.tracks.append(track)
+        # MIDI readers close the oldest open note of a pitch first, and a writer emits note-ons of
+        # one tick in list order: notes that start together must come shortest first, or a
+        # reader swaps their durations (and so their velocities)
+        a = a[np.lexsort((a[:, 1], a[:, 0]))]
+        for layer in _fifo_layers(a):
+            track = symusic.Track(str(inst), 0 if inst == DRUMS else inst, inst == DRUMS)
+            track.notes = symusic.Note.from_numpy(
+                layer[:, 0].astype(np.int32), layer[:, 1].astype(np.int32),
+                layer[:, 2].astype(np.int8), layer[:, 3].astype(np.int8),
+            )  # fmt: skip
+            score.tracks.append(track)
     return score
+
+
+def _fifo_layers(a: np.ndarray) -> list[np.ndarray]:
+    """Split one instrument's notes (sorted by onset, then duration) into tracks a reader recovers.
+
+    A note of a pitch that starts while an earlier one of that pitch sounds and ends before it
+    (nested, e.g. two voices of one instrument in unison) would be paired first-in first-out with
+    the wrong note-off. Each such note goes to the first extra track of the same instrument where
+    the notes of its pitch end in onset order; the encoder merges the tracks of an instrument again.
+    Most songs need one track.
+    """
+    ends = a[:, 0] + a[:, 1]
+    layer_of = np.zeros(len(a), dtype=np.int64)
+    last_end: list[dict[int, int]] = [{}]  # per layer: pitch -> end of its latest note
+    for k, (pitch, end) in enumerate(zip(a[:, 2].tolist(), ends.tolist())):
+        layer = 0
+        while last_end[layer].get(pitch, end) > end:
+            layer += 1
+            if layer == len(last_end):
+                last_end.append({})
+        last_end[layer][pitch] = end
+        layer_of[k] = layer
+    return [a[layer_of == i] for i in range(len(last_end))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,11 +696,7 @@ def write_token_lines(path: str | Path, songs: Sequence[Sequence[str]]) -> None:
 
 
 def write_midi(score: symusic.Score, path: str | Path) -> None:
-    """Write a score as a MIDI file (atomically); ``MuseformerError`` naming the file on failure."""
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            score.dump_midi(str(tmp))
-    except OSError as e:
-        raise MuseformerError(f"cannot write MIDI file {path}: {e}") from None
+    """Write a score as a MIDI file atomically, every byte checked (``files.write_midi_atomic``);
+    one error naming the file on failure (a full disk included)."""
+    write_midi_atomic(score, path)
 
