@@ -59,6 +59,9 @@ class SampleConfig:
         grammar: mask every step with the token grammar (guarantees songs that decode cleanly).
         instruments: allowed MIDI programs (128 = drums) for newly generated notes; None = all.
         tempo: fix the tempo (BPM) of generated bars; None = the model chooses.
+        tempo_changes: let the model change tempo inside a song (with the grammar). False (the
+            default): every tempo token repeats the song's last one, as in nearly all training
+            songs; sampling the tempo token at every bar start otherwise drifts.
     """
 
     temperature: float = 1.0
@@ -71,6 +74,7 @@ class SampleConfig:
     grammar: bool = True
     instruments: tuple[int, ...] | None = None
     tempo: float | None = None
+    tempo_changes: bool = False
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -97,6 +101,8 @@ class SampleConfig:
             object.__setattr__(self, "instruments", programs)
         if self.tempo is not None and (not isinstance(self.tempo, (int, float)) or not self.tempo > 0):
             bad(f"tempo must be a positive BPM, got {self.tempo!r}")
+        if not isinstance(self.tempo_changes, bool):
+            bad(f"tempo_changes must be true or false, got {self.tempo_changes!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -225,8 +231,8 @@ def build_grammar(tokenizer, config: SampleConfig):
     from museformer.grammar import Grammar, GrammarConstraints
 
     constraints = GrammarConstraints(
-        instruments=config.instruments, tempo_bpm=config.tempo, max_bars=config.max_bars,
-        min_tokens=config.min_tokens,
+        instruments=config.instruments, tempo_bpm=config.tempo, tempo_changes=config.tempo_changes,
+        max_bars=config.max_bars, min_tokens=config.min_tokens,
     )
     return Grammar.for_tokenizer(tokenizer, constraints=constraints)
 
