@@ -1,4 +1,4 @@
-"""Training and perplexity: schedule, batching, config overrides, loss, exact resume, DDP, guard."""
+"""Training and perplexity: schedule, batching, config precedence, loss, exact resume, DDP, guard."""
 
 from __future__ import annotations
 
@@ -17,17 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from museformer.cli import build_train_config
 from museformer.cli import main as cli_main
+from museformer.data import plan_epoch
 from museformer.errors import MuseformerError
-from museformer.train import (
-    TrainConfig,
-    _song_inputs,
-    build_train_config,
-    evaluate_perplexity,
-    lr_at,
-    plan_epoch,
-    train,
-)
+from museformer.evaluate import evaluate_perplexity
+from museformer.train import TrainConfig, lr_at, train
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -92,20 +87,25 @@ def test_epoch_plan_covers_every_song_once_within_the_token_budget():
 
 
 def test_random_crop_is_a_bar_aligned_window(prepared):
-    """A crop starts at a bar start, has max_len tokens, and its targets are the inputs shifted by one."""
-    from museformer.data import Corpus
+    """A crop starts at a bar start, has max_len tokens, and its targets are the inputs shifted by one;
+    without a generator a batch holds the songs' beginnings (Song.model_inputs)."""
+    from museformer.data import Corpus, corpus_batch
 
     corpus = Corpus(prepared)
-    song = corpus[int(np.argmax(corpus.lengths))]
+    longest = int(np.argmax(corpus.lengths))
+    song = corpus[longest]
     vocab = corpus.vocab
     for seed in range(5):
-        x = _song_inputs(song, 200, vocab, np.random.default_rng(seed))
+        start = song.crop_start(200, np.random.default_rng(seed))
+        assert start == 0 or song.ids[start - 1] == vocab.bar_id
+        x = song.model_inputs(200, start)
         assert len(x["input_ids"]) == len(x["target_ids"]) == 200
         assert (x["input_ids"][1:] == x["target_ids"][:-1]).all()
-        start = int(np.flatnonzero(np.lib.stride_tricks.sliding_window_view(song.ids, 199).__eq__(
-            x["input_ids"][1:]).all(axis=1))[0])
-        assert start == 0 or song.ids[start - 1] == vocab.bar_id
-    assert all((_song_inputs(song, 200, vocab, None)[k] == song.model_inputs(200)[k]).all() for k in x)
+        assert (x["input_ids"][1:] == song.ids[start:start + 199]).all()
+        batch = corpus_batch(corpus, [longest], 200, np.random.default_rng(seed))
+        assert all((batch[k][0].numpy() == x[k]).all() for k in x)
+    plain = corpus_batch(corpus, [longest], 200)
+    assert all((plain[k][0].numpy() == song.model_inputs(200)[k]).all() for k in x)
 
 
 def test_config_round_trips_through_json():
@@ -120,6 +120,7 @@ def test_config_round_trips_through_json():
     ("model.bogus=1", "unknown training option 'model.bogus'; valid keys under 'model': attention_backend"),
     ("max_steps=abc", "training option 'max_steps' must be int, got 'abc'"),
     ("lr=-1", "training option 'lr' must be a positive number"),
+    ("seed=-1", "training option 'seed' must be >= 0, got -1"),
 ])
 def test_cli_rejects_bad_options_with_a_clear_message(tmp_path, capsys, option, expected):
     """Unknown keys (listing the valid ones) and ill-typed values are one-line errors, exit 1."""
@@ -247,7 +248,7 @@ def test_perplexity_is_exp_of_the_mean_token_nll(prepared, tmp_path):
 def test_unigram_baseline_by_hand(prepared):
     """The unigram baseline is exp(mean -log p) with add-one-smoothed train-split frequencies."""
     from museformer.data import Corpus
-    from museformer.train import unigram_perplexity
+    from museformer.evaluate import unigram_perplexity
     from museformer.vocab import EOS_ID
 
     train_split, test_split = Corpus(prepared, "train"), Corpus(prepared, "test")

@@ -8,8 +8,12 @@ Each subcommand is one ``add_<name>(subparsers)`` function that declares its arg
 from __future__ import annotations
 
 import argparse
+import ast
+import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from museformer import __version__
 from museformer.errors import MuseformerError
@@ -226,7 +230,7 @@ def add_train(sub) -> None:
 
 
 def _train(args) -> int:
-    from museformer.train import build_train_config, train
+    from museformer.train import train
 
     cfg = build_train_config(args.data_dir, args.out_dir, preset=args.preset, config_file=args.config,
                              overrides=args.overrides, resume=args.resume)
@@ -234,6 +238,60 @@ def _train(args) -> int:
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(f"model saved to {final}")
     return 0
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, value)``; the value is a Python literal, else the bare string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise MuseformerError(f"--set expects key=value, got {text!r}")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()  # bare words such as device=cpu
+    return key, value
+
+
+def build_train_config(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    resume: bool = False,
+):
+    """The training options of ``museformer train``, lowest precedence first: the model preset
+    (default "paper") or ``--config FILE.json`` (its partial ``model`` updates the preset), else with
+    ``--resume`` and neither the run's saved ``train_config.json``; then every ``--set key=value``."""
+    from museformer.model import MuseformerConfig
+    from museformer.train import TrainConfig, apply_overrides, saved_config
+
+    def model_preset(name: str):
+        try:
+            return MuseformerConfig.preset(name)
+        except (KeyError, ValueError) as e:
+            raise MuseformerError(f"unknown model preset {name!r}: {e}") from None
+
+    paths = {"data_dir": str(data_dir), "out_dir": str(out_dir)}
+    saved = saved_config(out_dir) if resume and preset is None and config_file is None else None
+    if config_file is not None:
+        try:
+            loaded = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise MuseformerError(f"cannot read config file {config_file}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise MuseformerError(f"config file {config_file} must hold a JSON object")
+        model = model_preset(preset or "paper").to_dict()
+        if isinstance(loaded.get("model"), dict):  # a partial model dict updates the preset
+            model.update(loaded["model"])
+        cfg = TrainConfig.from_dict({**loaded, "model": model, **paths})
+    elif saved is not None:
+        cfg = TrainConfig.from_dict({**saved.to_dict(), **paths})
+    else:
+        cfg = TrainConfig(model=model_preset(preset or "paper"), **paths)
+    return apply_overrides(cfg, dict(parse_override(s) for s in overrides))
 
 
 def add_evaluate(sub) -> None:
@@ -278,7 +336,7 @@ def _evaluate(args) -> int:
     else:
         if args.checkpoint is None or args.data_dir is None:
             raise MuseformerError("give CHECKPOINT DATA_DIR (perplexity) or --structure DIR --reference DIR")
-        from museformer.train import evaluate_perplexity
+        from museformer.evaluate import evaluate_perplexity
 
         report = evaluate_perplexity(args.checkpoint, args.data_dir, split=args.split, max_lens=args.max_len,
                                      batch_tokens=args.batch_tokens, device=args.device)
