@@ -124,7 +124,7 @@ def test_config_round_trips_through_json():
 ])
 def test_cli_rejects_bad_options_with_a_clear_message(tmp_path, capsys, option, expected):
     """Unknown keys (listing the valid ones) and ill-typed values are one-line errors, exit 1."""
-    assert cli_main(["train", str(tmp_path), str(tmp_path / "out"), "--preset", "tiny", "--set", option]) == 1
+    assert cli_main(["train", str(tmp_path), str(tmp_path / "out"), "--model-preset", "tiny", "--set", option]) == 1
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
 
@@ -169,7 +169,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(prepared, tmp_pat
         sys.exit(main(sys.argv[1:]))
     """))
     out = tmp_path / "killed"
-    args = [sys.executable, str(driver), "train", str(prepared), str(out), "--preset", "tiny", "--set", *FAST, *opts]
+    args = [sys.executable, str(driver), "train", str(prepared), str(out), "--model-preset", "tiny", "--set", *FAST, *opts]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env(), text=True)
     try:
         assert proc.stdout.readline().strip() == "saved"
@@ -187,7 +187,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(prepared
     opts = ["max_steps=4", "save_every=0", "seed=1"]
     train(_config(prepared, tmp_path / "one", *opts, "grad_accum=2"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "museformer", "train", str(prepared), str(tmp_path / "two"), "--preset", "tiny",
+           "-m", "museformer", "train", str(prepared), str(tmp_path / "two"), "--model-preset", "tiny",
            "--set", *FAST, *opts, "grad_accum=1"]
     done = subprocess.run(cmd, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -243,6 +243,32 @@ def test_perplexity_is_exp_of_the_mean_token_nll(prepared, tmp_path):
         assert entry["max_len"] == max_len and entry["tokens"] == count
         assert entry["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
     assert result["songs"] == len(corpus)
+
+
+def test_cli_evaluate_shows_progress_and_writes_the_documented_json(prepared, tmp_path, capsys):
+    """'museformer evaluate -o FILE' shows a progress bar (none with --quiet) and writes JSON whose
+    layout (keys, nesting) is the one docs/training.md shows."""
+    from museformer.checkpoint import save_checkpoint
+    from museformer.data import Corpus
+    from museformer.model import Museformer
+
+    corpus = Corpus(prepared, "test")
+    cfg = _config(prepared, tmp_path).model.replace(vocab=corpus.vocab.name, vocab_size=len(corpus.vocab))
+    save_checkpoint(tmp_path / "ckpt", Museformer(cfg, vocab=corpus.vocab), corpus.tokenizer)
+    out = tmp_path / "ppl.json"
+    argv = ["evaluate", str(tmp_path / "ckpt"), str(prepared), "--max-len", "64", "-o", str(out)]
+    assert cli_main(argv) == 0
+    assert "perplexity: 100%" in capsys.readouterr().err
+    assert cli_main(argv + ["--quiet"]) == 0
+    assert "perplexity:" not in capsys.readouterr().err
+    doc = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
+    shown = json.loads(doc.split("```json\n", 1)[1].split("```", 1)[0])
+
+    def layout(x):
+        if isinstance(x, dict):
+            return {k: layout(v) for k, v in x.items()}
+        return [layout(x[0])] if isinstance(x, list) else type(x) in (int, float)
+    assert layout(json.loads(out.read_text())) == layout(shown)
 
 
 def test_unigram_baseline_by_hand(prepared):

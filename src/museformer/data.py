@@ -559,6 +559,11 @@ class Corpus:
         return f"Corpus({str(self.path)!r}, split={self.split!r}: {len(self)} songs, {int(self.offsets[-1]):,} tokens)"
 
 
+def default_workers() -> int:
+    """Worker processes the CLI uses by default: the CPU cores, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def open_split(data_dir: str | Path, split: str) -> Corpus:
     """``Corpus(data_dir, split)``, with any unreadable file reported as one ``MuseformerError``."""
     try:

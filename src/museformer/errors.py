@@ -7,3 +7,16 @@ raises it (or a subclass) with a message that names the offending input.
 
 class MuseformerError(Exception):
     """A user-facing error: bad input file, bad option, bad checkpoint. The message names the input."""
+
+
+class ParameterError(MuseformerError):
+    """A bad value of one named parameter of a library function.
+
+    ``str(e)`` is ``"<parameter>: <message>"``; a front end (the CLI) that knows which of its own
+    options fed ``parameter`` prints that option's name instead (``e.message`` is the rest).
+    """
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+        self.message = message

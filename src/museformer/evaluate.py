@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from museformer.data import corpus_batch, evaluation_batches, input_lengths, open_split
-from museformer.errors import MuseformerError
+from museformer.errors import MuseformerError, ParameterError
 from museformer.model import lm_loss
 from museformer.vocab import EOS_ID, PAD_ID
 
@@ -120,9 +120,9 @@ def evaluate_perplexity(
     from museformer.train import resolve_device
 
     if not max_lens or any(int(L) < 2 for L in max_lens):
-        raise MuseformerError(f"max_lens values must be >= 2, got {list(max_lens)}")
+        raise ParameterError("max_lens", f"values must be >= 2, got {list(max_lens)}")
     if batch_tokens < 1:
-        raise MuseformerError(f"batch_tokens must be >= 1, got {batch_tokens}")
+        raise ParameterError("batch_tokens", f"must be >= 1, got {batch_tokens}")
     dev = resolve_device(device or "auto")
     model, tokenizer = load(checkpoint_dir)
     corpus = open_split(data_dir, split)

@@ -144,6 +144,7 @@ class TokenizerConfig:
 
 
 PRESETS = {
+    "general": TokenizerConfig(),  # the defaults: REMIGEN2 with time signatures, general vocabulary
     # the paper's LMD preprocessing; the lmd6remi vocabulary of the released model
     "lmd6": TokenizerConfig(
         encoding="remigen2",

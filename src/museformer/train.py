@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from museformer.data import BatchOrder, corpus_batch, input_lengths, open_split
-from museformer.errors import MuseformerError
+from museformer.errors import MuseformerError, ParameterError
 from museformer.evaluate import batch_nll, corpus_nll
 from museformer.files import fsync_dir, write_bytes_atomic
 from museformer.model import Museformer, MuseformerConfig
@@ -447,6 +447,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 def _train(cfg: TrainConfig, d: _Dist, resume: bool) -> Path:
     # ---- setup: data, model, optimizer, resumed state ----------------------------------------------
     out_dir = Path(cfg.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ParameterError("out_dir", f"{out_dir} is a file; give a run folder (new or earlier)")
     existing = _checkpoint_dirs(out_dir)
     if existing and not resume:
         raise MuseformerError(f"{out_dir} already holds checkpoints; pass --resume to continue, or pick a new folder")
