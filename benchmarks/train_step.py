@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 import museformer
-from museformer.data import Corpus
+from museformer.data import BatchOrder, Corpus, corpus_batch, input_lengths
+from museformer.evaluate import batch_nll
 from museformer.model import Museformer, MuseformerConfig
-from museformer.train import BatchOrder, _input_lengths, batch_nll, collate
 
 
 def run(corpus: Corpus, preset: str, device: torch.device, max_len: int, batch_tokens: int, steps: int,
@@ -39,13 +39,13 @@ def run(corpus: Corpus, preset: str, device: torch.device, max_len: int, batch_t
     model = Museformer(cfg, vocab=vocab).to(device).train()
     runner = torch.compile(model) if compile_model else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
-    lengths = _input_lengths(corpus, max_len)
+    lengths = input_lengths(corpus, max_len)
     order = BatchOrder(lengths, batch_tokens, seed=0)
     precision = "auto"
     times, cpu_times, tokens, padded = [], [], [], []
     for step in range(warmup + steps):
         _, songs = order[step]
-        batch = collate([corpus[int(i)].model_inputs(max_len=max_len) for i in songs])
+        batch = corpus_batch(corpus, songs, max_len)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()

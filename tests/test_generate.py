@@ -259,9 +259,9 @@ def test_bars_gives_exactly_that_many_bars_even_when_eos_is_likely(grammar):
 def test_sampling_options_are_checked(model):
     """Tempo outside the tokens' range, batch size 0, prompts that leave nothing to generate: clear errors."""
     from museformer.generate import TEMPO_RANGE
-    from museformer.grammar import MAX_BPM, MIN_BPM
+    from museformer.remigen import N_TEMPO_BINS, tempo_bin
 
-    assert TEMPO_RANGE == (MIN_BPM, MAX_BPM)
+    assert int(tempo_bin(TEMPO_RANGE[0])) == 0 and int(tempo_bin(TEMPO_RANGE[1])) == N_TEMPO_BINS - 1
     for tempo in (1000, 15.9, 0, -5):
         with pytest.raises(MuseformerError, match=r"tempo must be a BPM in 16\.\.256"):
             SampleConfig(tempo=tempo)

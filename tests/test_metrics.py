@@ -341,7 +341,7 @@ def test_only_token_files_that_are_songs_are_read(tmp_path, capsys):
     (folder / "songs.txt").unlink()
     with pytest.raises(MuseformerError, match=r"no MIDI .* songs found \(4 \.txt file\(s\) are not token songs\)"):
         find_songs(folder)
-    assert main(["evaluate", "--structure", str(folder), "--reference", str(folder), "--quiet"]) == 1
+    assert main(["evaluate-structure", str(folder), "--reference", str(folder), "--quiet"]) == 1
     assert "not token songs" in capsys.readouterr().err
 
 
@@ -370,7 +370,7 @@ def test_output_paths_of_the_wrong_kind_are_refused_before_work(tmp_path, capsys
     for args, message in (
         (["analyze", str(songs), "-o", str(tmp_path / "file")], "file is an existing file"),
         (["analyze", str(songs), "-o", str(tmp_path / "file" / "sub")], "file is a file, not a folder"),
-        (["evaluate", "--structure", str(songs), "--reference", str(songs), "-o", str(tmp_path / "dir")],
+        (["evaluate-structure", str(songs), "--reference", str(songs), "-o", str(tmp_path / "dir")],
          "dir is an existing folder"),
         (["encode", str(DATA / "bach_bwv269.mid"), "-o", str(tmp_path / "dir")], "dir is an existing folder"),
         (["decode", str(songs / "songs.txt"), "-o", str(tmp_path / "dir")], "dir is an existing folder"),

@@ -418,7 +418,7 @@ def test_cli_prepare_on_unknown(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     # the chorale's s-9 (ignore_ts is off) and the 12/8 song's s-*, o-66 are not in lmd6remi
     assert "2 songs with" in out and "not in the vocabulary (kept" in out
-    assert main(["prepare", str(midi), str(tmp_path / "out2"), "--preset", "lmd6", "--workers", "1",
+    assert main(["prepare", str(midi), str(tmp_path / "out2"), "--tokenizer-preset", "lmd6", "--workers", "1",
                  "--quiet", "--on-unknown", "fail"]) == 1  # fmt: skip
     err = capsys.readouterr().err
     assert "twelve_eight.mid" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -1,4 +1,4 @@
-"""Training and perplexity: schedule, batching, config overrides, loss, exact resume, DDP, guard."""
+"""Training and perplexity: schedule, batching, config precedence, loss, exact resume, DDP, guard."""
 
 from __future__ import annotations
 
@@ -17,17 +17,12 @@ import numpy as np
 import pytest
 import torch
 
+from museformer.cli import build_train_config
 from museformer.cli import main as cli_main
+from museformer.data import plan_epoch
 from museformer.errors import MuseformerError
-from museformer.train import (
-    TrainConfig,
-    _song_inputs,
-    build_train_config,
-    evaluate_perplexity,
-    lr_at,
-    plan_epoch,
-    train,
-)
+from museformer.evaluate import evaluate_perplexity
+from museformer.train import TrainConfig, lr_at, train
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -92,20 +87,25 @@ def test_epoch_plan_covers_every_song_once_within_the_token_budget():
 
 
 def test_random_crop_is_a_bar_aligned_window(prepared):
-    """A crop starts at a bar start, has max_len tokens, and its targets are the inputs shifted by one."""
-    from museformer.data import Corpus
+    """A crop starts at a bar start, has max_len tokens, and its targets are the inputs shifted by one;
+    without a generator a batch holds the songs' beginnings (Song.model_inputs)."""
+    from museformer.data import Corpus, corpus_batch
 
     corpus = Corpus(prepared)
-    song = corpus[int(np.argmax(corpus.lengths))]
+    longest = int(np.argmax(corpus.lengths))
+    song = corpus[longest]
     vocab = corpus.vocab
     for seed in range(5):
-        x = _song_inputs(song, 200, vocab, np.random.default_rng(seed))
+        start = song.crop_start(200, np.random.default_rng(seed))
+        assert start == 0 or song.ids[start - 1] == vocab.bar_id
+        x = song.model_inputs(200, start)
         assert len(x["input_ids"]) == len(x["target_ids"]) == 200
         assert (x["input_ids"][1:] == x["target_ids"][:-1]).all()
-        start = int(np.flatnonzero(np.lib.stride_tricks.sliding_window_view(song.ids, 199).__eq__(
-            x["input_ids"][1:]).all(axis=1))[0])
-        assert start == 0 or song.ids[start - 1] == vocab.bar_id
-    assert all((_song_inputs(song, 200, vocab, None)[k] == song.model_inputs(200)[k]).all() for k in x)
+        assert (x["input_ids"][1:] == song.ids[start:start + 199]).all()
+        batch = corpus_batch(corpus, [longest], 200, np.random.default_rng(seed))
+        assert all((batch[k][0].numpy() == x[k]).all() for k in x)
+    plain = corpus_batch(corpus, [longest], 200)
+    assert all((plain[k][0].numpy() == song.model_inputs(200)[k]).all() for k in x)
 
 
 def test_config_round_trips_through_json():
@@ -120,10 +120,11 @@ def test_config_round_trips_through_json():
     ("model.bogus=1", "unknown training option 'model.bogus'; valid keys under 'model': attention_backend"),
     ("max_steps=abc", "training option 'max_steps' must be int, got 'abc'"),
     ("lr=-1", "training option 'lr' must be a positive number"),
+    ("seed=-1", "training option 'seed' must be >= 0, got -1"),
 ])
 def test_cli_rejects_bad_options_with_a_clear_message(tmp_path, capsys, option, expected):
     """Unknown keys (listing the valid ones) and ill-typed values are one-line errors, exit 1."""
-    assert cli_main(["train", str(tmp_path), str(tmp_path / "out"), "--preset", "tiny", "--set", option]) == 1
+    assert cli_main(["train", str(tmp_path), str(tmp_path / "out"), "--model-preset", "tiny", "--set", option]) == 1
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
 
@@ -168,7 +169,7 @@ def test_resume_after_sigkill_repeats_the_uninterrupted_losses(prepared, tmp_pat
         sys.exit(main(sys.argv[1:]))
     """))
     out = tmp_path / "killed"
-    args = [sys.executable, str(driver), "train", str(prepared), str(out), "--preset", "tiny", "--set", *FAST, *opts]
+    args = [sys.executable, str(driver), "train", str(prepared), str(out), "--model-preset", "tiny", "--set", *FAST, *opts]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_env(), text=True)
     try:
         assert proc.stdout.readline().strip() == "saved"
@@ -186,7 +187,7 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(prepared
     opts = ["max_steps=4", "save_every=0", "seed=1"]
     train(_config(prepared, tmp_path / "one", *opts, "grad_accum=2"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "museformer", "train", str(prepared), str(tmp_path / "two"), "--preset", "tiny",
+           "-m", "museformer", "train", str(prepared), str(tmp_path / "two"), "--model-preset", "tiny",
            "--set", *FAST, *opts, "grad_accum=1"]
     done = subprocess.run(cmd, env=_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -244,10 +245,36 @@ def test_perplexity_is_exp_of_the_mean_token_nll(prepared, tmp_path):
     assert result["songs"] == len(corpus)
 
 
+def test_cli_evaluate_shows_progress_and_writes_the_documented_json(prepared, tmp_path, capsys):
+    """'museformer evaluate -o FILE' shows a progress bar (none with --quiet) and writes JSON whose
+    layout (keys, nesting) is the one docs/training.md shows."""
+    from museformer.checkpoint import save_checkpoint
+    from museformer.data import Corpus
+    from museformer.model import Museformer
+
+    corpus = Corpus(prepared, "test")
+    cfg = _config(prepared, tmp_path).model.replace(vocab=corpus.vocab.name, vocab_size=len(corpus.vocab))
+    save_checkpoint(tmp_path / "ckpt", Museformer(cfg, vocab=corpus.vocab), corpus.tokenizer)
+    out = tmp_path / "ppl.json"
+    argv = ["evaluate", str(tmp_path / "ckpt"), str(prepared), "--max-len", "64", "-o", str(out)]
+    assert cli_main(argv) == 0
+    assert "perplexity: 100%" in capsys.readouterr().err
+    assert cli_main(argv + ["--quiet"]) == 0
+    assert "perplexity:" not in capsys.readouterr().err
+    doc = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
+    shown = json.loads(doc.split("```json\n", 1)[1].split("```", 1)[0])
+
+    def layout(x):
+        if isinstance(x, dict):
+            return {k: layout(v) for k, v in x.items()}
+        return [layout(x[0])] if isinstance(x, list) else type(x) in (int, float)
+    assert layout(json.loads(out.read_text())) == layout(shown)
+
+
 def test_unigram_baseline_by_hand(prepared):
     """The unigram baseline is exp(mean -log p) with add-one-smoothed train-split frequencies."""
     from museformer.data import Corpus
-    from museformer.train import unigram_perplexity
+    from museformer.evaluate import unigram_perplexity
     from museformer.vocab import EOS_ID
 
     train_split, test_split = Corpus(prepared, "train"), Corpus(prepared, "test")

@@ -1,70 +1,155 @@
 """The ``museformer`` command: argument parsing only; every subcommand calls a library function.
 
 Each subcommand is one ``add_<name>(subparsers)`` function that declares its arguments and sets
-``handler`` to a small function taking the parsed ``args``. Errors a user can cause arrive as
-``MuseformerError`` and are printed on one line (exit status 1), never as a traceback.
+``handler`` to a small function taking the parsed ``args``. Options that several commands share are
+declared once (``add_tokenizer_options``, ``add_workers``, ``add_quiet``, ``add_device``,
+``add_output``) and mean the same everywhere; defaults are read from the library (``_default``),
+never re-typed. Errors a user can cause arrive as ``MuseformerError`` and are printed on one line
+(exit status 1), never as a traceback; a ``ParameterError`` names a library parameter, which the
+command's ``flags`` map turns into the option the user typed. Old spellings (``--preset``,
+``evaluate --structure``) still work and print a deprecation note.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
+import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from museformer import __version__
-from museformer.errors import MuseformerError
+from museformer.errors import MuseformerError, ParameterError
+
+
+# ---------------------------------------------------------------------------------------------
+# shared options
+# ---------------------------------------------------------------------------------------------
+def _default(func, parameter: str):
+    """The library's default of ``func``'s ``parameter`` (so the CLI never re-types it)."""
+    return inspect.signature(func).parameters[parameter].default
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option: stores into the new option's dest and leaves a note."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        _note(namespace, f"{option_string} is deprecated; use {self.new}")
+
+
+def _note(namespace, text: str) -> None:
+    notes = getattr(namespace, "deprecations", None) or []
+    setattr(namespace, "deprecations", notes + [text])
+
+
+def _tokenizer_presets() -> list[str]:
+    from museformer.tokenizer import PRESETS
+
+    return sorted(PRESETS)
+
+
+def _plain_tokenizer() -> str:
+    """The preset that equals ``Tokenizer()`` (what encode and prepare use without a preset)."""
+    from museformer.tokenizer import PRESETS, TokenizerConfig
+
+    return next(name for name, config in PRESETS.items() if config == TokenizerConfig())
+
+
+def add_tokenizer_options(p: argparse.ArgumentParser, default: str, flags: bool = True) -> None:
+    """``--tokenizer-preset`` (old spelling ``--preset``) and, with ``flags``, the encoding options
+    that change single fields of it (unset flags keep the preset's value)."""
+    g = p.add_argument_group("tokenizer options")
+    g.add_argument("--tokenizer-preset", default=default, choices=_tokenizer_presets(),
+                   help=f"tokenizer preset: lmd6 = the paper's LMD setting, general = REMIGEN2 with the "
+                   f"general vocabulary (default: {default})")
+    g.add_argument("--preset", dest="tokenizer_preset", action=_Deprecated, new="--tokenizer-preset",
+                   choices=_tokenizer_presets())
+    if not flags:
+        return
+    g.add_argument("--encoding", default=None, choices=["remigen2", "remigen"], help="token layout")
+    g.add_argument("--vocab", default=None, choices=["general", "lmd6remi"], help="vocabulary")
+    g.add_argument("--normalize-pitch", action="store_true", default=None, help="transpose to C major / A minor")
+    g.add_argument("--remove-empty-bars", action="store_true", default=None,
+                   help="drop the empty bars before the first note (a song always ends with the bar of its "
+                   "last note)")
+    g.add_argument("--ignore-ts", action="store_true", default=None, help="do not emit time signatures")
+    g.add_argument("--sort-insts", default=None, choices=["id", "6tracks"], help="instrument order in an onset")
+
+
+_ENCODING_FLAGS = ("encoding", "vocab", "normalize_pitch", "remove_empty_bars", "ignore_ts", "sort_insts")
+
+
+def tokenizer_from_args(args: argparse.Namespace):
+    """A ``Tokenizer``: the ``--tokenizer-preset``, with the encoding flags given on top."""
+    import dataclasses
+
+    from museformer.tokenizer import Tokenizer
+
+    config = Tokenizer.preset(args.tokenizer_preset).config
+    given = {name: getattr(args, name) for name in _ENCODING_FLAGS if getattr(args, name, None) is not None}
+    return Tokenizer(dataclasses.replace(config, **given))
+
+
+def add_workers(p: argparse.ArgumentParser) -> None:
+    from museformer.data import default_workers
+
+    p.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+                   help=f"worker processes (default: the CPU cores, at most 8: {default_workers()} here)")
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_device(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    p.add_argument("--device", default=default, metavar="DEV",
+                   help="auto (CUDA when available), cpu, cuda or cuda:N" + (f" (default: {default})" if default else
+                                                                           " (default: the run's option, auto)"))
+
+
+def add_output(p: argparse.ArgumentParser, kind: str, what: str, default: str | None = None,
+               required: bool = False) -> None:
+    """``-o/--output``: the file (``kind="file"``) or folder (``kind="dir"``) the command writes."""
+    metavar = "FILE" if kind == "file" else "DIR"
+    tail = f" (default: {default})" if default else ""
+    p.add_argument("-o", "--output", default=default, required=required, metavar=metavar, help=what + tail)
+    p.set_defaults(output_kind=kind)
+
+
+def check_output(path: str | None, kind: str, suffixes: tuple[str, ...] = ()) -> None:
+    """Fail before any work when ``-o`` is of the wrong kind (``files.check_output_path``) or suffix."""
+    from museformer.files import check_output_path
+
+    if path is None:
+        return
+    out = check_output_path(path, kind)
+    if kind == "file" and suffixes and out.suffix.lower() not in suffixes:
+        raise ParameterError("output", f"{out} must end in {' or '.join(suffixes)}")
 
 
 # ---------------------------------------------------------------------------------------------
 # encode / decode (tokenizer)
 # ---------------------------------------------------------------------------------------------
-def add_encoding_options(p: argparse.ArgumentParser) -> None:
-    """The tokenizer options shared by ``encode`` and ``prepare`` (unset flags keep the defaults)."""
-    g = p.add_argument_group("encoding options")
-    g.add_argument("--preset", default=None, help="start from a named tokenizer preset, e.g. lmd6")
-    g.add_argument("--encoding", default=None, choices=["remigen2", "remigen"], help="token layout")
-    g.add_argument("--vocab", default=None, choices=["general", "lmd6remi"], help="vocabulary")
-    g.add_argument("--normalize-pitch", action="store_true", default=None,
-                   help="transpose to C major / A minor")
-    g.add_argument("--remove-empty-bars", action="store_true", default=None,
-                   help="drop empty bars before the first and after the last note")
-    g.add_argument("--ignore-ts", action="store_true", default=None, help="do not emit time signatures")
-    g.add_argument("--sort-insts", default=None, choices=["id", "6tracks"], help="instrument order in an onset")
-
-
-def tokenizer_from_args(args: argparse.Namespace):
-    """A ``Tokenizer`` from ``add_encoding_options`` flags: the preset, then the flags given."""
-    from museformer.tokenizer import Tokenizer
-
-    options = {}
-    if args.preset is not None:
-        try:
-            options = Tokenizer.preset(args.preset).config.to_dict()
-        except (KeyError, ValueError) as e:
-            raise MuseformerError(f"unknown preset {args.preset!r} ({e})") from None
-    for name in ("encoding", "vocab", "normalize_pitch", "remove_empty_bars", "ignore_ts", "sort_insts"):
-        if getattr(args, name) is not None:
-            options[name] = getattr(args, name)
-    try:
-        return Tokenizer(**options)
-    except (TypeError, ValueError) as e:
-        raise MuseformerError(f"bad encoding options: {e}") from None
-
-
 def add_encode(sub) -> None:
     p = sub.add_parser("encode", help="MIDI file -> REMIGEN token line")
     p.add_argument("input", help="MIDI file")
-    p.add_argument("-o", "--output", help="token text file to write (default: print the line)")
-    add_encoding_options(p)
+    add_output(p, "file", "token text file to write (default: print the line)")
+    add_tokenizer_options(p, default=_plain_tokenizer())
     p.set_defaults(handler=_encode)
 
 
 def _encode(args) -> int:
-    from museformer.files import check_output_path
     from museformer.tokenizer import write_token_lines
 
-    if args.output:
-        check_output_path(args.output, "file")
+    check_output(args.output, "file")
     tokens = tokenizer_from_args(args).encode_file(args.input)
     if args.output:
         write_token_lines(args.output, [tokens])
@@ -76,15 +161,15 @@ def _encode(args) -> int:
 def add_decode(sub) -> None:
     p = sub.add_parser("decode", help="token text file -> MIDI file")
     p.add_argument("input", help="token text file (first line = one song)")
-    p.add_argument("-o", "--output", required=True, help="MIDI file to write")
+    add_output(p, "file", "MIDI file to write", required=True)
     p.set_defaults(handler=_decode)
 
 
 def _decode(args) -> int:
-    from museformer.files import check_output_path, write_midi_atomic
+    from museformer.files import write_midi_atomic
     from museformer.tokenizer import Tokenizer, read_token_lines
 
-    check_output_path(args.output, "file")
+    check_output(args.output, "file")
     songs = read_token_lines(args.input)
     if not songs:
         raise MuseformerError(f"{args.input} holds no tokens")
@@ -99,6 +184,8 @@ def _decode(args) -> int:
 # prepare (corpus preparation)
 # ---------------------------------------------------------------------------------------------
 def add_prepare(sub) -> None:
+    from museformer.data import ON_UNKNOWN, prepare
+
     p = sub.add_parser(
         "prepare",
         help="encode a folder of MIDI (or a bundled corpus) into shards",
@@ -110,24 +197,23 @@ def add_prepare(sub) -> None:
                    help="input folder and output folder (only OUT_DIR with --corpus)")
     p.add_argument("--corpus", default=None, choices=["bach", "music21-all"],
                    help="export this music21 corpus to MIDI and prepare it (needs music21)")
-    p.add_argument("--limit", type=int, default=None, help="with --corpus: only the first N scores")
-    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
-                   help="worker processes (default: CPU cores, at most 8)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="with --corpus: only the first N scores")
+    add_workers(p)
     p.add_argument("--split-lists", default=None, metavar="DIR",
                    help="folder with train.txt/valid.txt/test.txt file-name lists (as the official meta/)")
-    p.add_argument("--valid-fraction", type=float, default=0.1, help="hash-split share of valid (default 0.1)")
-    p.add_argument("--test-fraction", type=float, default=0.1, help="hash-split share of test (default 0.1)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--on-unknown", default="keep", choices=["keep", "skip", "fail"],
-                   help="a song with tokens the vocabulary lacks (<unk> ids): keep it (default), skip it "
-                   "(listed in failed.tsv) or fail; counts go to meta.json and the summary either way")
-    add_encoding_options(p)
+    for name in ("valid_fraction", "test_fraction"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=_default(prepare, name),
+                       help=f"hash-split share of {name.split('_')[0]} (default {_default(prepare, name)})")
+    on_unknown = _default(prepare, "on_unknown")
+    p.add_argument("--on-unknown", default=on_unknown, choices=list(ON_UNKNOWN),
+                   help=f"a song with tokens the vocabulary lacks (<unk> ids): keep it, skip it (listed in "
+                   f"failed.tsv) or fail (default {on_unknown}); counts go to meta.json and the summary either way")
+    add_quiet(p)
+    add_tokenizer_options(p, default=_plain_tokenizer())
     p.set_defaults(handler=_prepare)
 
 
 def _prepare(args) -> int:
-    from pathlib import Path
-
     from museformer.data import prepare
 
     if args.corpus is not None:
@@ -144,6 +230,8 @@ def _prepare(args) -> int:
     else:
         if len(args.paths) != 2:
             raise MuseformerError("give INPUT_DIR and OUT_DIR (or --corpus NAME OUT_DIR)")
+        if args.limit is not None:
+            raise MuseformerError("--limit works only with --corpus")
         input_dir, out_dir = (Path(x) for x in args.paths)
     report = prepare(input_dir, out_dir, tokenizer_from_args(args), workers=args.workers,
                      split_lists=args.split_lists, valid_fraction=args.valid_fraction,
@@ -156,60 +244,38 @@ def _prepare(args) -> int:
 # pattern (attention pattern picture)
 # ---------------------------------------------------------------------------------------------
 def add_pattern(sub) -> None:
+    from museformer.pattern import draw_pattern
+    from museformer.structure import AttentionPattern
+
+    default = AttentionPattern()
     p = sub.add_parser("pattern", help="draw the fine/coarse attention pattern of a song")
     p.add_argument("song", nargs="?", help="a MIDI file to tokenise (or use --bars for a made-up song)")
     p.add_argument("--bars", type=int, default=None, help="draw a made-up song of N bars of random lengths")
     p.add_argument("--fine-offsets", type=int, nargs="*", default=None, metavar="K",
-                   help="bar distances seen token by token (default: 1 2 4 8 12 16 24 32)")
-    p.add_argument("--summary-tokens", type=int, choices=[0, 1], default=1,
-                   help="summary tokens per bar (0 = fine attention only)")
+                   help=f"bar distances seen token by token (default: {' '.join(map(str, default.fine_offsets))})")
+    p.add_argument("--summary-tokens", type=int, choices=[0, 1], default=None,
+                   help=f"summary tokens per bar (0 = fine attention only; default {default.summary_tokens})")
     p.add_argument("--full", action="store_true", help="draw plain causal attention instead (the dense baseline)")
-    p.add_argument("--preset", default="lmd6", help="tokenizer preset used for SONG (default lmd6)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="draw only the first N tokens of SONG")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the made-up song")
-    p.add_argument("-o", "--output", default="pattern.png", help="PNG file to write")
-    p.set_defaults(handler=_pattern)
+    add_tokenizer_options(p, default=_default(draw_pattern, "tokenizer_preset"), flags=False)
+    p.add_argument("--max-tokens", type=int, default=_default(draw_pattern, "max_tokens"),
+                   help=f"draw only the first N tokens of SONG (default {_default(draw_pattern, 'max_tokens')})")
+    p.add_argument("--seed", type=int, default=_default(draw_pattern, "seed"), help="seed of the made-up song")
+    add_output(p, "file", "PNG file to write", default="pattern.png")
+    p.set_defaults(handler=_pattern, flags={"song": "SONG or --bars", "tokenizer_preset": "--tokenizer-preset"})
 
 
 def _pattern(args) -> int:
-    from museformer import structure
-    from museformer.vocab import BOS_ID, Vocab
+    from museformer.pattern import draw_pattern
 
-    if (args.song is None) == (args.bars is None):
-        raise MuseformerError("give either a MIDI file or --bars N")
-    try:
-        if args.full:
-            pattern = structure.AttentionPattern.full()
-        else:
-            offsets = structure.AttentionPattern().fine_offsets if args.fine_offsets is None else args.fine_offsets
-            pattern = structure.AttentionPattern(tuple(offsets), args.summary_tokens)
-    except ValueError as e:
-        raise MuseformerError(f"bad pattern options: {e}") from None
-    if args.bars is not None:
-        if not 1 <= args.bars <= 200:
-            raise MuseformerError(f"--bars must be between 1 and 200, got {args.bars}")
-        vocab = Vocab.builtin("lmd6remi")
-        ids = structure.toy_song(args.bars, vocab, seed=args.seed, incomplete_last=True)
-        title = f"{args.bars} made-up bars"
-    else:
-        from museformer.tokenizer import Tokenizer
-
-        try:
-            tokenizer = Tokenizer.preset(args.preset)
-        except ValueError as e:
-            raise MuseformerError(str(e)) from None
-        vocab = tokenizer.vocab
-        ids = [BOS_ID] + tokenizer.encode_file(args.song, as_ids=True).tolist()[: max(args.max_tokens - 1, 1)]
-        title = os.path.basename(args.song)
-    summaries = "one summary token per bar" if pattern.summary_tokens else "no summary tokens"
-    title += " | " + ("full causal attention" if args.full else f"fine offsets {list(pattern.fine_offsets)}, {summaries}")
-    path = structure.render_pattern(ids, pattern, vocab, args.output, title=title)
+    path = draw_pattern(args.output, song=args.song, bars=args.bars, fine_offsets=args.fine_offsets,
+                        summary_tokens=args.summary_tokens, full=args.full, tokenizer_preset=args.tokenizer_preset,
+                        max_tokens=args.max_tokens, seed=args.seed)
     print(f"wrote {path}")
     return 0
 
 
 # ---------------------------------------------------------------------------------------------
-# train / evaluate
+# train
 # ---------------------------------------------------------------------------------------------
 def add_train(sub) -> None:
     p = sub.add_parser(
@@ -222,85 +288,197 @@ def add_train(sub) -> None:
     )
     p.add_argument("data_dir", metavar="DATA_DIR", help="prepared corpus folder")
     p.add_argument("out_dir", metavar="OUT_DIR", help="run folder: checkpoints/, model/, metrics.csv")
-    p.add_argument("--preset", default=None, choices=["paper", "small", "tiny"],
-                   help="model size (default: paper, or the run's saved config with --resume)")
+    p.add_argument("--model-preset", default=None, metavar="NAME",
+                   help="model size, a MuseformerConfig.preset: paper, small or tiny (default: paper, or the "
+                   "run's saved config with --resume)")
+    p.add_argument("--preset", dest="model_preset", action=_Deprecated, new="--model-preset")
     p.add_argument("--config", default=None, metavar="FILE.json",
                    help="training options as JSON (keys as --set; 'model' may be partial)")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override options, e.g. lr=1e-3 batch_tokens=8192 model.num_layers=2")
+                   help="override options, e.g. lr=1e-3 batch_tokens=8192 model.n_layers=2")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in OUT_DIR (exactly; starts fresh if none)")
-    p.set_defaults(handler=_train)
+    add_device(p, default=None)
+    add_quiet(p)
+    p.set_defaults(handler=_train, flags={"out_dir": "OUT_DIR", "data_dir": "DATA_DIR"})
 
 
 def _train(args) -> int:
-    from museformer.train import build_train_config, train
+    from museformer.train import train
 
-    cfg = build_train_config(args.data_dir, args.out_dir, preset=args.preset, config_file=args.config,
-                             overrides=args.overrides, resume=args.resume)
+    shared = (["progress=False"] if args.quiet else []) + ([f"device={args.device!r}"] if args.device else [])
+    cfg = build_train_config(args.data_dir, args.out_dir, preset=args.model_preset, config_file=args.config,
+                             overrides=[*shared, *args.overrides], resume=args.resume)
     final = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         print(f"model saved to {final}")
     return 0
 
 
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"key=value"`` -> ``(key, value)``; the value is a Python literal, else the bare string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise MuseformerError(f"--set expects key=value, got {text!r}")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()  # bare words such as device=cpu
+    return key, value
+
+
+def build_train_config(
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    resume: bool = False,
+):
+    """The training options of ``museformer train``, lowest precedence first: the model preset
+    (default "paper") or ``--config FILE.json`` (its partial ``model`` updates the preset), else with
+    ``--resume`` and neither the run's saved ``train_config.json``; then every ``--set key=value``."""
+    from museformer.model import MuseformerConfig
+    from museformer.train import TrainConfig, apply_overrides, saved_config
+
+    def model_preset(name: str):
+        try:
+            return MuseformerConfig.preset(name)
+        except (KeyError, ValueError) as e:
+            raise MuseformerError(f"unknown model preset {name!r}: {e}") from None
+
+    paths = {"data_dir": str(data_dir), "out_dir": str(out_dir)}
+    saved = saved_config(out_dir) if resume and preset is None and config_file is None else None
+    if config_file is not None:
+        try:
+            loaded = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise MuseformerError(f"cannot read config file {config_file}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise MuseformerError(f"config file {config_file} must hold a JSON object")
+        model = model_preset(preset or "paper").to_dict()
+        if isinstance(loaded.get("model"), dict):  # a partial model dict updates the preset
+            model.update(loaded["model"])
+        cfg = TrainConfig.from_dict({**loaded, "model": model, **paths})
+    elif saved is not None:
+        cfg = TrainConfig.from_dict({**saved.to_dict(), **paths})
+    else:
+        cfg = TrainConfig(model=model_preset(preset or "paper"), **paths)
+    return apply_overrides(cfg, dict(parse_override(s) for s in overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate (perplexity) / evaluate-structure (structure metrics)
+# ---------------------------------------------------------------------------------------------
 def add_evaluate(sub) -> None:
+    from museformer.evaluate import evaluate_perplexity
+
     p = sub.add_parser(
         "evaluate",
-        help="perplexity of a checkpoint, or structure metrics of songs",
-        description="Either 'museformer evaluate CHECKPOINT DATA_DIR' (token-level perplexity on a prepared "
-        "split) or 'museformer evaluate --structure GENERATED_DIR --reference DIR' (bar-similarity curve, "
-        "Similarity Error and other objective metrics of generated songs next to real ones; folders of "
-        "MIDI files, token .txt files (one song per line) or prepared corpora).",
+        help="token-level perplexity of a checkpoint on a prepared split",
+        description="Token-level perplexity of CHECKPOINT on a split of DATA_DIR (made by 'museformer "
+        "prepare'), songs cut to each --max-len. Structure metrics of generated songs: "
+        "'museformer evaluate-structure'.",
     )
-    p.add_argument("checkpoint", nargs="?", help="checkpoint directory (perplexity)")
-    p.add_argument("data_dir", nargs="?", help="prepared corpus folder (perplexity)")
-    p.add_argument("--split", default="test", help="split of DATA_DIR to evaluate (perplexity; default: test)")
-    p.add_argument("--max-len", type=int, nargs="+", default=[1024, 5120, 10240], metavar="L",
-                   help="truncate songs to their first L tokens; several lengths allowed (perplexity)")
-    p.add_argument("--batch-tokens", type=int, default=16_384, help="tokens per forward batch (perplexity)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (perplexity; default: auto)")
-    p.add_argument("--structure", metavar="GENERATED_DIR", help="songs to evaluate with the structure metrics")
-    p.add_argument("--reference", metavar="DIR", help="real songs to compare GENERATED_DIR with")
-    p.add_argument("--max-interval", type=int, default=64,
-                   help="intervals 1..N (bars) of the similarity curve and of SE (default: 64)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
-    p.add_argument("--preset", default="lmd6", choices=("lmd6", "general"),
-                   help="tokenizer that encodes MIDI inputs (default: lmd6, the paper's LMD setting)")
-    p.add_argument("-o", "--output", help="also write the results as JSON to this file")
+    p.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help="checkpoint directory")
+    p.add_argument("data_dir", nargs="?", metavar="DATA_DIR", help="prepared corpus folder")
+    split = _default(evaluate_perplexity, "split")
+    p.add_argument("--split", default=split, choices=["train", "valid", "test"], help=f"split (default: {split})")
+    max_lens = list(_default(evaluate_perplexity, "max_lens"))
+    p.add_argument("--max-len", type=int, nargs="+", default=max_lens, metavar="L",
+                   help=f"cut songs to their first L tokens; several lengths allowed (default: "
+                   f"{' '.join(map(str, max_lens))})")
+    batch_tokens = _default(evaluate_perplexity, "batch_tokens")
+    p.add_argument("--batch-tokens", type=int, default=batch_tokens,
+                   help=f"tokens per forward batch (default {batch_tokens})")
+    add_device(p)
+    add_output(p, "file", "also write the results as JSON to this file")
+    add_quiet(p)
+    # the old spelling 'evaluate --structure GEN --reference DIR' (now 'evaluate-structure')
+    p.add_argument("--structure", help=argparse.SUPPRESS)
+    _structure_options(p, hidden=True)
+    p.set_defaults(handler=_evaluate, flags={"max_lens": "--max-len", "checkpoint": "CHECKPOINT"})
+
+
+def _structure_options(p: argparse.ArgumentParser, hidden: bool = False) -> None:
+    from museformer import analysis
+
+    interval = _default(analysis.evaluate_structure, "max_interval")
+    if hidden:
+        p.add_argument("--reference", help=argparse.SUPPRESS)
+        p.add_argument("--max-interval", type=int, default=interval, help=argparse.SUPPRESS)
+        p.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
+        p.add_argument("--tokenizer-preset", default=_default(analysis.evaluate_structure, "preset"),
+                       choices=_tokenizer_presets(), help=argparse.SUPPRESS)
+        p.add_argument("--preset", dest="tokenizer_preset", action=_Deprecated, new="--tokenizer-preset",
+                       choices=_tokenizer_presets())
+        p.add_argument("--only", choices=("midi", "tokens"), default=None, help=argparse.SUPPRESS)
+        return
+    p.add_argument("--reference", metavar="DIR", required=True, help="real songs to compare GENERATED_DIR with")
+    p.add_argument("--max-interval", type=int, default=interval,
+                   help=f"intervals 1..N (bars) of the similarity curve and of SE (default: {interval})")
+    add_workers(p)
+    add_tokenizer_options(p, default=_default(analysis.evaluate_structure, "preset"), flags=False)
     p.add_argument("--only", choices=("midi", "tokens"), default=None,
                    help="read only MIDI files or only token .txt files (needed where a folder holds both)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_evaluate)
 
 
 def _evaluate(args) -> int:
-    from museformer import analysis
-    from museformer.files import check_output_path
-
-    if args.output:
-        check_output_path(args.output, "file")
     if args.structure is not None:
-        if args.reference is None:
-            raise MuseformerError("--structure needs --reference DIR (the real songs to compare with)")
+        _note(args, "'evaluate --structure GEN --reference DIR' is deprecated; use "
+                    "'evaluate-structure GEN --reference DIR'")
         if args.checkpoint is not None:
             raise MuseformerError("give either CHECKPOINT DATA_DIR (perplexity) or --structure, not both")
-        report = analysis.evaluate_structure(args.structure, args.reference, max_interval=args.max_interval,
-                                             workers=args.workers, preset=args.preset, progress=not args.quiet,
-                                             only=args.only)
-        print(analysis.format_table(report))
-    else:
-        if args.checkpoint is None or args.data_dir is None:
-            raise MuseformerError("give CHECKPOINT DATA_DIR (perplexity) or --structure DIR --reference DIR")
-        from museformer.checkpoint import resolve_checkpoint
-        from museformer.train import evaluate_perplexity
+        if args.reference is None:
+            raise MuseformerError("--structure needs --reference DIR (the real songs to compare with)")
+        if args.workers is None:
+            from museformer.data import default_workers
 
-        report = evaluate_perplexity(resolve_checkpoint(args.checkpoint), args.data_dir, split=args.split, max_lens=args.max_len,
-                                     batch_tokens=args.batch_tokens, device=args.device)
-        for r in report["results"]:
-            print(f"max_len {r['max_len']:>6}: perplexity {r['perplexity']:.4f} "
-                  f"(mean NLL {r['mean_nll']:.4f} over {r['tokens']:,} tokens, {report['songs']} songs; "
-                  f"unigram baseline {r['unigram_perplexity']:.2f})")
+            args.workers = default_workers()
+        args.generated = args.structure
+        return _evaluate_structure(args)
+    if args.checkpoint is None or args.data_dir is None:
+        raise MuseformerError("give CHECKPOINT DATA_DIR")
+    from museformer import analysis
+    from museformer.evaluate import evaluate_perplexity
+
+    check_output(args.output, "file", (".json",))
+    report = evaluate_perplexity(args.checkpoint, args.data_dir, split=args.split, max_lens=args.max_len,
+                                 batch_tokens=args.batch_tokens, device=args.device, progress=not args.quiet)
+    for r in report["results"]:
+        print(f"max_len {r['max_len']:>6}: perplexity {r['perplexity']:.4f} "
+              f"(mean NLL {r['mean_nll']:.4f} over {r['tokens']:,} tokens, {report['songs']} songs; "
+              f"unigram baseline {r['unigram_perplexity']:.2f})")
+    if args.output:
+        analysis.write_json(args.output, report)
+        print(f"wrote {args.output}")
+    return 0
+
+
+def add_evaluate_structure(sub) -> None:
+    p = sub.add_parser(
+        "evaluate-structure",
+        help="structure metrics of generated songs next to real ones",
+        description="Bar-similarity curve, Similarity Error and other objective metrics of GENERATED_DIR next to "
+        "--reference DIR (folders of MIDI files, token .txt files with one song per line, or prepared corpora).",
+    )
+    p.add_argument("generated", metavar="GENERATED_DIR", help="songs to evaluate")
+    _structure_options(p)
+    add_output(p, "file", "also write the results as JSON to this file")
+    add_quiet(p)
+    p.set_defaults(handler=_evaluate_structure, flags={"preset": "--tokenizer-preset"})
+
+
+def _evaluate_structure(args) -> int:
+    from museformer import analysis
+
+    check_output(args.output, "file", (".json",))
+    report = analysis.evaluate_structure(args.generated, args.reference, max_interval=args.max_interval,
+                                         workers=args.workers, preset=args.tokenizer_preset,
+                                         progress=not args.quiet, only=args.only)
+    print(analysis.format_table(report))
     if args.output:
         analysis.write_json(args.output, report)
         print(f"wrote {args.output}")
@@ -311,6 +489,8 @@ def _evaluate(args) -> int:
 # analyze (bar-similarity statistics)
 # ---------------------------------------------------------------------------------------------
 def add_analyze(sub) -> None:
+    from museformer import analysis
+
     p = sub.add_parser(
         "analyze",
         help="bar-similarity statistics of a corpus",
@@ -319,25 +499,27 @@ def add_analyze(sub) -> None:
         "a folder of MIDI files, token .txt files (one song per line), or a prepared corpus folder.",
     )
     p.add_argument("input", help="folder of MIDI / token .txt files, a single such file, or a prepared corpus")
-    p.add_argument("-o", "--output", default="analysis", help="report folder (default: analysis)")
-    p.add_argument("--max-interval", type=int, default=64, help="largest interval in bars (default: 64)")
-    p.add_argument("--heatmaps", type=int, default=0, metavar="N",
+    add_output(p, "dir", "report folder", default="analysis")
+    interval = _default(analysis.analyze, "max_interval")
+    p.add_argument("--max-interval", type=int, default=interval, help=f"largest interval in bars (default: {interval})")
+    p.add_argument("--heatmaps", type=int, default=_default(analysis.analyze, "heatmaps"), metavar="N",
                    help="also draw the self-similarity matrices of the first N songs")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes")
-    p.add_argument("--split", default="all", help="split of a prepared corpus: all, train, valid or test")
-    p.add_argument("--preset", default="lmd6", choices=("lmd6", "general"),
-                   help="tokenizer that encodes MIDI inputs (default: lmd6, the paper's LMD setting)")
+    add_workers(p)
+    p.add_argument("--split", default=_default(analysis.analyze, "split"),
+                   choices=["all", "train", "valid", "test"], help="split of a prepared corpus (default: all)")
+    add_tokenizer_options(p, default=_default(analysis.analyze, "preset"), flags=False)
     p.add_argument("--only", choices=("midi", "tokens"), default=None,
                    help="read only MIDI files or only token .txt files (needed where a folder holds both)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_analyze)
+    add_quiet(p)
+    p.set_defaults(handler=_analyze, flags={"preset": "--tokenizer-preset"})
 
 
 def _analyze(args) -> int:
     from museformer import analysis
 
+    check_output(args.output, "dir")
     report = analysis.analyze(args.input, args.output, max_interval=args.max_interval, heatmaps=args.heatmaps,
-                              workers=args.workers, preset=args.preset, split=args.split,
+                              workers=args.workers, preset=args.tokenizer_preset, split=args.split,
                               progress=not args.quiet, only=args.only)
     print(report.text())
     return 0
@@ -347,6 +529,10 @@ def _analyze(args) -> int:
 # generate
 # ---------------------------------------------------------------------------------------------
 def add_generate(sub) -> None:
+    from museformer.generate import SampleConfig
+    from museformer.songs import generate_to_folder
+
+    d = SampleConfig()
     p = sub.add_parser(
         "generate", help="generate songs with a trained (by default the bundled) model",
         description="Generate songs as MIDI files, each with a JSON sidecar (checkpoint hash, options, seed) "
@@ -355,35 +541,42 @@ def add_generate(sub) -> None:
     p.add_argument("--checkpoint", metavar="DIR",
                    help="checkpoint directory, or a training run folder (its model/, else its newest "
                    "checkpoints/step-N) (default: the bundled model)")
-    p.add_argument("-n", "--num", type=int, default=1, metavar="N", help="number of songs (default 1)")
+    num = _default(generate_to_folder, "num_songs")
+    p.add_argument("-n", "--num", type=int, default=num, metavar="N", help=f"number of songs (default {num})")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--bars", type=int, metavar="B",
                         help="songs of exactly B bars, prompt included (end-of-song only after bar B)")
-    length.add_argument("--max-tokens", type=int, metavar="T",
-                        help="stop each song at T tokens, cut back to its last complete bar (default 20480)")
-    p.add_argument("--min-tokens", type=int, default=1024, metavar="T",
-                   help="end-of-song is forbidden before T tokens (default 1024, as the paper; unused with --bars)")
+    length.add_argument("--max-tokens", type=int, default=d.max_tokens, metavar="T",
+                        help=f"stop each song at T tokens, cut back to its last complete bar (default {d.max_tokens})")
+    p.add_argument("--min-tokens", type=int, default=d.min_tokens, metavar="T",
+                   help=f"end-of-song is forbidden before T tokens (default {d.min_tokens}, as the paper; "
+                   "unused with --bars)")
     p.add_argument("--prompt", metavar="MIDI", help="a MIDI file to continue")
     p.add_argument("--prompt-bars", type=int, metavar="N", help="use only the first N bars of the prompt")
-    p.add_argument("--top-k", type=int, default=8, metavar="K", help="sample from the K most likely tokens "
-                   "(default 8, as the paper; 0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling (default 1.0 = off)")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="softmax temperature; 0 = greedy")
-    p.add_argument("--seed", type=int, metavar="S", help="random seed; song i uses S + i (default: random, recorded)")
+    p.add_argument("--top-k", type=int, default=d.top_k, metavar="K",
+                   help=f"sample from the K most likely tokens (default {d.top_k}, as the paper; 0 = off)")
+    p.add_argument("--top-p", type=float, default=d.top_p, metavar="P", help=f"nucleus sampling (default {d.top_p} = off)")
+    p.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
+                   help=f"softmax temperature; 0 = greedy (default {d.temperature})")
+    p.add_argument("--seed", type=int, default=d.seed, metavar="S",
+                   help="random seed; song i uses S + i (default: random, recorded)")
     p.add_argument("--instruments", type=_program_list, metavar="P[,P...]",
                    help="MIDI programs that may play new notes, 128 or 'drums' = drums (e.g. 0,25,drums)")
     p.add_argument("--tempo", type=float, metavar="BPM", help="fix the tempo of generated bars (16..256)")
+    p.add_argument("--tempo-changes", action="store_true",
+                   help="let the model change tempo inside a song (default: a song keeps its first tempo, "
+                   "as nearly all training songs do)")
     p.add_argument("--no-grammar", action="store_true",
                    help="sample without the token grammar (songs may then contain tokens MIDI cannot use)")
     p.add_argument("--batch-size", type=int, metavar="N", help="songs decoded together (default: all)")
-    p.add_argument("-o", "--output", default="songs", metavar="OUT_DIR", help="output folder (default ./songs)")
+    add_output(p, "dir", "output folder", default="songs")
     p.add_argument("--render", action="store_true", help="also write a piano-roll PNG and a WAV per song")
     p.add_argument("--soundfont", metavar="SF2", help="General MIDI soundfont for --render")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add_device(p)
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for PyTorch (default: PyTorch's choice; 1 is often fastest on a busy machine)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_generate)
+    add_quiet(p)
+    p.set_defaults(handler=_generate, flags={"max_bars": "--bars"})
 
 
 def _program_list(text: str) -> tuple[int, ...]:
@@ -398,20 +591,27 @@ def _program_list(text: str) -> tuple[int, ...]:
     return tuple(programs)
 
 
-def _generate(args) -> int:
-    from museformer.generate import DEFAULT_MAX_TOKENS, SampleConfig
-    from museformer.songs import generate_to_folder
+def sample_config_from_args(args: argparse.Namespace):
+    """The ``SampleConfig`` of ``museformer generate``'s flags."""
+    from museformer.generate import SampleConfig
 
-    config = SampleConfig(
+    return SampleConfig(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        max_tokens=DEFAULT_MAX_TOKENS if args.max_tokens is None else args.max_tokens, max_bars=args.bars,
-        min_tokens=args.min_tokens,
+        max_tokens=args.max_tokens, max_bars=args.bars, min_tokens=args.min_tokens,
         grammar=not args.no_grammar, instruments=args.instruments, tempo=args.tempo,
+        tempo_changes=args.tempo_changes,
     )
+
+
+def _generate(args) -> int:
+    from museformer.songs import generate_to_folder
+    from museformer.train import resolve_device
+
+    check_output(args.output, "dir")
     generate_to_folder(
         args.output, args.checkpoint, num_songs=args.num, prompt=args.prompt, prompt_bars=args.prompt_bars,
-        config=config, batch_size=args.batch_size, device=args.device, render=args.render,
-        soundfont=args.soundfont, threads=args.threads, log=print, progress=not args.quiet,
+        config=sample_config_from_args(args), batch_size=args.batch_size, device=str(resolve_device(args.device)),
+        render=args.render, soundfont=args.soundfont, threads=args.threads, log=print, progress=not args.quiet,
     )
     return 0
 
@@ -451,15 +651,11 @@ def _render(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-def _not_yet(name: str):
-    def handler(args) -> int:
-        raise MuseformerError(f"'museformer {name}' is not available in this version yet (no model yet)")
-
-    return handler
 
 
-COMMANDS = (add_encode, add_decode, add_prepare, add_pattern, add_train, add_evaluate, add_analyze, add_generate,
-            add_render)
+# ---------------------------------------------------------------------------------------------
+COMMANDS = (add_encode, add_decode, add_prepare, add_pattern, add_train, add_evaluate, add_evaluate_structure,
+            add_analyze, add_generate, add_render)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -475,19 +671,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_of(args, parameter: str) -> str:
+    """The option that fed a library parameter: the command's ``flags`` map, else ``--the-name``."""
+    flags = {"output": "-o/--output", **(getattr(args, "flags", None) or {})}
+    return flags.get(parameter, "--" + parameter.replace("_", "-"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+    except ParameterError as e:
+        print(f"museformer {args.command}: error: {_flag_of(args, e.parameter)}: {e.message}", file=sys.stderr)
+        code = 1
     except MuseformerError as e:
         print(f"museformer {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         sys.stderr.close()
         return 0
     except KeyboardInterrupt:
         print(f"museformer {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    for note in getattr(args, "deprecations", None) or []:
+        print(f"museformer {args.command}: note: {note}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from museformer.errors import MuseformerError
+from museformer.errors import MuseformerError, ParameterError
 from museformer.files import write_midi_atomic
 
 LEAD, STRINGS, PIANO, GUITAR, BASS = 80, 48, 0, 25, 43
@@ -61,6 +61,8 @@ def part_programs(n_parts: int) -> list[int]:
 
 def corpus_sources(name: str, limit: int | None = None) -> list[tuple[str, Path]]:
     """(relative MIDI name, score path) of every score of corpus ``name``, sorted by name."""
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ParameterError("limit", f"must be a number of scores >= 1, got {limit!r}")
     if name not in CORPORA:
         raise MuseformerError(f"unknown corpus {name!r}; choose from {', '.join(CORPORA)}")
     music21 = _music21()

@@ -4,8 +4,11 @@ This module owns the on-disk corpus format and the path from MIDI files to model
 
 - ``prepare``: encode every MIDI file under a folder in parallel worker processes, resumably, and
   write one shard per split (train / valid / test);
-- ``Corpus`` / ``Song``: open a prepared folder (memory-mapped, cheap) and turn a song into the
-  model's inputs (``input_ids``, ``target_ids``, ``bar_ids``, ``onset_ids``).
+- ``Corpus`` / ``Song``: open a prepared folder (memory-mapped, cheap) and turn a song (or a
+  bar-aligned window of it) into the model's inputs (``input_ids``, ``target_ids``, ``bar_ids``,
+  ``onset_ids``);
+- batches: ``plan_epoch`` / ``BatchOrder`` (the seeded order of training micro-batches),
+  ``evaluation_batches``, both packed by ``pack_by_length``, and ``collate`` / ``corpus_batch``.
 
 It does not know how MIDI becomes tokens (``museformer.tokenizer``) nor what the model does with them.
 
@@ -36,12 +39,13 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from museformer.errors import MuseformerError
 from museformer.files import atomic_open, check_output_path, write_text_atomic
-from museformer.vocab import BOS_ID, EOS_ID, UNK_ID
+from museformer.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 SPLITS = ("train", "valid", "test")
 ON_UNKNOWN = ("keep", "skip", "fail")  # what prepare does with a song holding <unk> ids
@@ -49,6 +53,9 @@ MIDI_SUFFIXES = (".mid", ".midi")
 FORMAT = "museformer-corpus"
 FORMAT_VERSION = 1
 TOKEN_DTYPE = np.dtype("<u2")  # both official vocabularies have far fewer than 65,536 ids
+
+if TYPE_CHECKING:
+    import torch
 
 EncodeFn = Callable[[Path], np.ndarray]
 
@@ -472,24 +479,27 @@ class Song:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def model_inputs(self, max_len: int | None = None) -> dict[str, np.ndarray]:
-        """The model's inputs for this song, as the official training did.
+    def model_inputs(self, max_len: int | None = None, start: int = 0) -> dict[str, np.ndarray]:
+        """The model's inputs for this song (or a window of it), as the official training did.
 
-        ``input_ids = [BOS] + ids`` and ``target_ids = ids + [EOS]`` (next-token targets), both cut
-        to their first ``max_len`` positions. A truncated song therefore ends with a real token as
-        its last target, not EOS (as in the official training, which truncated whole songs to their
-        first 15,360 tokens). ``bar_ids`` / ``onset_ids`` come from ``museformer.structure`` on
-        ``input_ids`` (BOS has bar 0 and onset 0).
+        ``input_ids = [BOS] + ids[start:]`` and ``target_ids = ids[start:] + [EOS]`` (next-token
+        targets), both cut to their first ``max_len`` positions. A truncated song therefore ends
+        with a real token as its last target, not EOS (as in the official training, which truncated
+        whole songs to their first 15,360 tokens). ``bar_ids`` / ``onset_ids`` come from
+        ``museformer.structure`` on ``input_ids`` (BOS has bar 0 and onset 0). ``start`` > 0 is a
+        window for random cropping (``crop_start``): bars are then counted from the window's start.
 
         Returns:
-            dict of int64 arrays, all of shape ``(T,)`` with ``T = min(len(ids) + 1, max_len)``:
+            dict of int64 arrays, all of shape ``(T,)`` with ``T = min(len(ids) - start + 1, max_len)``:
             ``input_ids``, ``target_ids``, ``bar_ids``, ``onset_ids``.
         """
         from museformer.structure import bar_ids, onset_ids
 
         if max_len is not None and max_len < 1:
             raise ValueError(f"max_len must be at least 1, got {max_len}")
-        ids = np.asarray(self.ids, dtype=np.int64)
+        if not 0 <= start < max(len(self.ids), 1):
+            raise ValueError(f"start must lie in 0..{len(self.ids) - 1}, got {start}")
+        ids = np.asarray(self.ids[start:], dtype=np.int64)
         inputs = np.concatenate([[BOS_ID], ids])[:max_len]
         targets = np.concatenate([ids, [EOS_ID]])[:max_len]
         return {
@@ -498,6 +508,19 @@ class Song:
             "bar_ids": bar_ids(inputs, self.vocab).numpy(),
             "onset_ids": onset_ids(inputs, self.vocab).numpy(),
         }
+
+    def crop_start(self, max_len: int, rng: np.random.Generator) -> int:
+        """A random bar start from which ``max_len`` inputs fit inside the song (0 if it fits whole).
+
+        Windows are full length: ``start <= len(ids) - (max_len - 1)``, so the window's last target
+        is the song's next token (or EOS at the very end).
+        """
+        ids = np.asarray(self.ids)
+        if len(ids) + 1 <= max_len:
+            return 0
+        starts = np.concatenate([[0], np.flatnonzero(ids == self.vocab.bar_id) + 1])
+        starts = starts[starts <= len(ids) - (max_len - 1)]
+        return int(starts[rng.integers(len(starts))])
 
 
 class Corpus:
@@ -567,3 +590,117 @@ class Corpus:
 
     def __repr__(self) -> str:
         return f"Corpus({str(self.path)!r}, split={self.split!r}: {len(self)} songs, {int(self.offsets[-1]):,} tokens)"
+
+
+def default_workers() -> int:
+    """Worker processes the CLI uses by default: the CPU cores, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def open_split(data_dir: str | Path, split: str) -> Corpus:
+    """``Corpus(data_dir, split)``, with any unreadable file reported as one ``MuseformerError``."""
+    try:
+        return Corpus(data_dir, split=split)
+    except MuseformerError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise MuseformerError(f"cannot read split {split!r} of prepared data {data_dir}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# batches: songs -> micro-batches of similar length under a token budget
+# ---------------------------------------------------------------------------------------------
+def input_lengths(corpus: Corpus, max_len: int) -> np.ndarray:
+    """Input tokens per song after truncation: BOS + song tokens, at most ``max_len``."""
+    return np.minimum(np.asarray(corpus.lengths, dtype=np.int64) + 1, max_len)
+
+
+def pack_by_length(songs: np.ndarray, lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Greedy packing of ``songs`` (already in ascending length) while ``songs * longest <= batch_tokens``.
+
+    A song longer than the budget forms a batch of its own.
+    """
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    for i in songs:  # ascending length, so the newcomer is the longest
+        if current and int(lengths[i]) * (len(current) + 1) > batch_tokens:
+            batches.append(np.array(current, dtype=np.int64))
+            current = []
+        current.append(int(i))
+    if current:
+        batches.append(np.array(current, dtype=np.int64))
+    return batches
+
+
+def plan_epoch(lengths: np.ndarray, batch_tokens: int, seed: int, epoch: int, pool: int = 1024) -> list[np.ndarray]:
+    """Song indices of every micro-batch of one epoch, shuffled; a pure function of its arguments.
+
+    Songs are shuffled, cut into pools of ``pool`` songs, sorted by length inside each pool (so a
+    batch holds songs of similar length and little padding) and packed (``pack_by_length``); then
+    the batch order is shuffled.
+
+    Args:
+        lengths: per song, the number of input tokens it will have (after truncation).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), pool):
+        chunk = order[start:start + pool]
+        batches += pack_by_length(chunk[np.argsort(lengths[chunk], kind="stable")], lengths, batch_tokens)
+    return [batches[k] for k in rng.permutation(len(batches))]
+
+
+def evaluation_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Deterministic batches for evaluation: all songs sorted by length, packed under the budget."""
+    return pack_by_length(np.argsort(lengths, kind="stable"), lengths, batch_tokens)
+
+
+class BatchOrder:
+    """The endless sequence of micro-batches over epochs: ``order[g] -> (epoch, song indices)``."""
+
+    def __init__(self, lengths: np.ndarray, batch_tokens: int, seed: int) -> None:
+        if len(lengths) == 0:
+            raise MuseformerError("the training split has no songs")
+        self.lengths, self.batch_tokens, self.seed = lengths, batch_tokens, seed
+        self._epoch, self._start, self._plan = 0, 0, plan_epoch(lengths, batch_tokens, seed, 0)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray]:
+        if index < self._start:  # rewind (rare): replay the plans from epoch 0
+            self._epoch, self._start = 0, 0
+            self._plan = plan_epoch(self.lengths, self.batch_tokens, self.seed, 0)
+        while index >= self._start + len(self._plan):
+            self._start += len(self._plan)
+            self._epoch += 1
+            self._plan = plan_epoch(self.lengths, self.batch_tokens, self.seed, self._epoch)
+        return self._epoch, self._plan[index - self._start]
+
+
+def collate(examples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Right-pad songs to the longest: ids and targets with ``PAD_ID``, bar and onset ids with 0.
+
+    Shapes: each value ``(B, T)`` int64, ``T`` = the longest example.
+    """
+    import torch  # here, so that prepare's worker processes never import torch
+
+    longest = max(len(e["input_ids"]) for e in examples)
+    out = {}
+    for key, fill in (("input_ids", PAD_ID), ("target_ids", PAD_ID), ("bar_ids", 0), ("onset_ids", 0)):
+        batch = np.full((len(examples), longest), fill, dtype=np.int64)
+        for row, e in enumerate(examples):
+            batch[row, : len(e[key])] = e[key]
+        out[key] = torch.from_numpy(batch)
+    return out
+
+
+def corpus_batch(corpus: Corpus, songs: np.ndarray, max_len: int, crop_rng: np.random.Generator | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """One collated batch of ``corpus`` songs cut to ``max_len`` inputs; with ``crop_rng`` each longer
+    song is a random bar-aligned window (``Song.crop_start``) instead of its beginning."""
+    examples = []
+    for i in songs:
+        song = corpus[int(i)]
+        start = 0 if crop_rng is None else song.crop_start(max_len, crop_rng)
+        examples.append(song.model_inputs(max_len, start))
+    return collate(examples)
+

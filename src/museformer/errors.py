@@ -14,3 +14,14 @@ class WriteError(MuseformerError):
 
     The message names the file; the file that was there before (if any) is left as it was.
     """
+class ParameterError(MuseformerError):
+    """A bad value of one named parameter of a library function.
+
+    ``str(e)`` is ``"<parameter>: <message>"``; a front end (the CLI) that knows which of its own
+    options fed ``parameter`` prints that option's name instead (``e.message`` is the rest).
+    """
+
+    def __init__(self, parameter: str, message: str) -> None:
+        super().__init__(f"{parameter}: {message}")
+        self.parameter = parameter
+        self.message = message

@@ -39,13 +39,14 @@ from typing import Any
 
 import torch
 
+from museformer.remigen import MAX_TEMPO, MIN_TEMPO
 from museformer.errors import MuseformerError
 from museformer.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 DEFAULT_TOP_K = 8  # the paper's setting
 DEFAULT_MIN_TOKENS = 1024  # the paper forbids EOS before 1,024 tokens
 DEFAULT_MAX_TOKENS = 20480  # the paper's --max-len-b
-TEMPO_RANGE = (16.0, 256.0)  # BPM the t-* tokens can say (grammar.MIN_BPM..MAX_BPM); others would be clipped
+TEMPO_RANGE = (MIN_TEMPO, MAX_TEMPO)  # BPM the t-* tokens can say (remigen); others would be clipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +72,9 @@ class SampleConfig:
         instruments: allowed MIDI programs (128 = drums) for newly generated notes; None = all.
         tempo: fix the tempo (BPM) of generated bars, 16..256 (what the tempo tokens can say);
             None = the model chooses.
+        tempo_changes: let the model change tempo inside a song (with the grammar). False (the
+            default): every tempo token repeats the song's last one, as in nearly all training
+            songs; sampling the tempo token at every bar start otherwise drifts.
     """
 
     temperature: float = 1.0
@@ -83,6 +87,7 @@ class SampleConfig:
     grammar: bool = True
     instruments: tuple[int, ...] | None = None
     tempo: float | None = None
+    tempo_changes: bool = False
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -112,6 +117,8 @@ class SampleConfig:
         ):
             bad(f"tempo must be a BPM in {TEMPO_RANGE[0]:g}..{TEMPO_RANGE[1]:g} (the range of the tempo tokens), "
                 f"got {self.tempo!r}")
+        if not isinstance(self.tempo_changes, bool):
+            bad(f"tempo_changes must be true or false, got {self.tempo_changes!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -241,8 +248,8 @@ def build_grammar(tokenizer, config: SampleConfig):
 
     # with a bar limit the song has exactly max_bars bars: EOS only after the last one
     constraints = GrammarConstraints(
-        instruments=config.instruments, tempo_bpm=config.tempo, max_bars=config.max_bars,
-        min_bars=config.max_bars or 1, min_tokens=config.min_tokens,
+        instruments=config.instruments, tempo_bpm=config.tempo, tempo_changes=config.tempo_changes,
+        max_bars=config.max_bars, min_bars=config.max_bars or 1, min_tokens=config.min_tokens,
     )
     return Grammar.for_tokenizer(tokenizer, constraints=constraints)
 

@@ -325,9 +325,14 @@ class Museformer(nn.Module):
         return self.output(self.final_norm(x))  # (B, T, V); the summary stream is dropped
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = PAD_ID) -> torch.Tensor:
-    """Token-level cross entropy (mean over non-padding targets), computed in float32.
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = PAD_ID,
+            reduction: str = "mean") -> torch.Tensor:
+    """Token-level cross entropy over the non-padding targets, computed in float32.
+
+    ``reduction="mean"`` averages over those targets; ``"sum"`` gives the summed NLL in nats (what
+    training and perplexity evaluation accumulate, dividing by their own token counts).
 
     Shapes: logits ``(B, T, V)``, targets ``(B, T)`` -> scalar.
     """
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index,
+                           reduction=reduction)

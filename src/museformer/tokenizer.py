@@ -37,7 +37,6 @@ programs are first mapped to the nearest of those six families (``six_track_prog
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,36 +48,21 @@ from museformer import __version__
 from museformer.errors import MuseformerError
 from museformer import midi_programs
 from museformer.files import write_midi_atomic, write_text_atomic
+from museformer.remigen import (
+    BIN_TO_DURATION, DRUMS, DURATION_TO_BIN, ENCODINGS, INSTRUMENT_ORDERS, MAX_TS_DENOMINATOR,
+    MAX_WHOLE_NOTES_PER_BAR, MIN_TEMPO, N_DURATION_BINS, N_TEMPO_BINS, POSITIONS_PER_QUARTER,
+    SIX_TRACK_RANK, TIME_SIGNATURE_IDS, TIME_SIGNATURES,
+)
+from museformer.remigen import bar_length as _bar_length, tempo_bin as _tempo_bin
 from museformer.vocab import SPECIAL_SYMBOLS, Vocab
 
 # ---------------------------------------------------------------------------------------------
-# Quantisation tables (MidiProcessor's VocabManager defaults)
+# Quantisation tables (MidiProcessor's VocabManager defaults; shared with the grammar)
 # ---------------------------------------------------------------------------------------------
-POSITIONS_PER_QUARTER = 12
 DECODE_TICKS_PER_QUARTER = 480
-MIN_TEMPO, MAX_TEMPO = 16.0, 256.0
 DEFAULT_TEMPO = 120.0
 DEFAULT_TIME_SIGNATURE = (4, 4)
 DEFAULT_VELOCITY = 96
-MAX_TS_DENOMINATOR = 64  # x/1 .. x/64
-MAX_WHOLE_NOTES_PER_BAR = 2
-DRUMS = 128
-
-
-def _duration_tables() -> tuple[np.ndarray, np.ndarray]:
-    """Duration bins: 8 groups of 12 bins, bin width 2**group (in positions)."""
-    widths = np.repeat(2 ** np.arange(8), POSITIONS_PER_QUARTER)  # (96,)
-    starts = np.concatenate([[0], np.cumsum(widths)[:-1]])  # bin start = decoded duration
-    encode = np.repeat(np.arange(len(widths)), widths)  # duration -> bin, for durations < sum
-    return encode, starts
-
-
-DURATION_TO_BIN, BIN_TO_DURATION = _duration_tables()
-N_DURATION_BINS = len(BIN_TO_DURATION)  # 96
-# time signature id: (n, 2**e) for e = 0..6, n = 1..2*2**e, in that order (254 values)
-TIME_SIGNATURES = tuple((n, 2**e) for e in range(7) for n in range(1, 2 ** (e + 1) + 1))
-TIME_SIGNATURE_IDS = {ts: i for i, ts in enumerate(TIME_SIGNATURES)}
-N_TEMPO_BINS = round(12 * math.log2(MAX_TEMPO / MIN_TEMPO)) + 1  # 49
 
 # Token text of every (kind, value) the encoder can produce, in one flat table so a whole song is
 # turned into text with one numpy take. Kind order here is private to this module.
@@ -87,12 +71,6 @@ _SIZES = (2, len(TIME_SIGNATURES), N_TEMPO_BINS, 128, 129, 256, 128, 32)
 _BASE = dict(zip(_PREFIXES, np.concatenate([[0], np.cumsum(_SIZES)[:-1]]).tolist()))
 _SIZE_OF = dict(zip(_PREFIXES, _SIZES))  # valid values of each kind: 0 .. size - 1
 _TEXT = np.array([f"{p}-{v}" for p, n in zip(_PREFIXES, _SIZES) for v in range(n)], dtype=object)
-
-ENCODINGS = ("remigen2", "remigen")
-INSTRUMENT_ORDERS = ("id", "6tracks")
-
-# "6tracks" rank of the official LMD setting (MidiProcessor inst_sorting, customisation 1)
-SIX_TRACK_RANK = {80: 1, DRUMS: 2, 32: 3, 43: 3, 25: 4, 0: 5, 48: 6}
 
 
 def six_track_program(program: int, is_drum: bool) -> int:
@@ -168,6 +146,7 @@ class TokenizerConfig:
 
 
 PRESETS = {
+    "general": TokenizerConfig(),  # the defaults: REMIGEN2 with time signatures, general vocabulary
     # the paper's LMD preprocessing; the lmd6remi vocabulary of the released model
     "lmd6": TokenizerConfig(
         encoding="remigen2",
@@ -494,11 +473,6 @@ def _tempo_values(changes) -> tuple[np.ndarray, np.ndarray]:
     return a["time"].astype(np.int64), _tempo_bin(bpm)
 
 
-def _tempo_bin(bpm: np.ndarray) -> np.ndarray:
-    x = np.clip(bpm, MIN_TEMPO, MAX_TEMPO) / MIN_TEMPO
-    return np.rint(np.log2(x) * 12).astype(np.int64)
-
-
 def _changes_in_song(changes, tpq: int, n_pos: int, values) -> tuple[np.ndarray, np.ndarray]:
     """(position, value id) of meta changes inside the song, sorted, the last one per position."""
     if len(changes) == 0:
@@ -521,11 +495,6 @@ def _reduce_time_signature(n: int, d: int) -> tuple[int, int]:
     while n > MAX_WHOLE_NOTES_PER_BAR * d:  # bars longer than two whole notes: divide n
         n //= next(i for i in range(2, n + 1) if n % i == 0)
     return n, d
-
-
-def _bar_length(ts: tuple[int, int]) -> int:
-    # at least one position, so bars always advance (the official code asserts instead)
-    return max(ts[0] * 4 * POSITIONS_PER_QUARTER // ts[1], 1)
 
 
 def _bar_starts(ts_pos: np.ndarray, ts_val: np.ndarray, n_pos: int) -> tuple[np.ndarray, np.ndarray]:
