@@ -7,7 +7,7 @@ It knows nothing about the model; ids come from ``museformer.vocab``.
 
 The encoder reproduces btyu/MidiProcessor 0.1.5 (``MidiEncoder('REMIGEN2'|'REMIGEN')``, which reads
 MIDI with miditoolkit), token for token, but works on symusic's note arrays with numpy instead of a
-Python loop per note and per position (SPEC.md section 1; docs/tokenizer.md lists every rule):
+Python loop per note and per position (docs/spec.md section 1; docs/tokenizer.md lists every rule):
 
 - positions: ``round(tick * 12 / ticks_per_quarter)`` (round half to even, as Python's ``round``);
   duration = rounded end - rounded start, binned into 96 duration bins;
