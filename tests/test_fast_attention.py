@@ -212,23 +212,25 @@ def test_flex_refuses_attention_dropout():
     """The flex backend raises instead of silently skipping attention dropout."""
     backend = fc_blocks.FlexBackend()
     layout = bar_layout(batch([song([3, 3])]), VOCAB, AttentionPattern())
-    masks = backend.prepare(layout, AttentionPattern())
+    state = backend.prepare(layout, AttentionPattern())
     q = torch.zeros(1, H, 1, D)
     with pytest.raises(ValueError, match="dropout"):
-        backend.attend(q, q, q, masks.summary, dropout_p=0.1)
+        backend.summarise(q, q, q, q, q, state, dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout"):
+        backend.aggregate(q, q, q, q, q, state, dropout_p=0.1)
 
 
 def test_auto_backend_choice():
     """'auto' uses dense on CPU with gradients or short songs, flex on CPU for long no-grad forwards."""
-    from museformer.attention import AutoBackend, DenseStepMask
+    from museformer.attention import AutoBackend, DenseBackend
 
     backend, pattern = AutoBackend(), AttentionPattern()
     short = bar_layout(batch([song([3, 3])]), VOCAB, pattern)
     long = bar_layout(batch([song([100] * 50)]), VOCAB, pattern)
-    assert isinstance(backend.prepare(long, pattern).regular, DenseStepMask)  # grad enabled
+    assert isinstance(backend.prepare(long, pattern).backend, DenseBackend)  # grad enabled
     with torch.no_grad():
-        assert isinstance(backend.prepare(short, pattern).regular, DenseStepMask)
-        assert isinstance(backend.prepare(long, pattern).regular, fc_blocks.FlexRegularStep)
+        assert isinstance(backend.prepare(short, pattern).backend, DenseBackend)
+        assert isinstance(backend.prepare(long, pattern).state, fc_blocks.FlexState)
     # on CUDA: flex, except for training with attention dropout, which flex does not have
     assert backend.use_flex(on_cuda=True, grad=True, tokens=64)
     assert not AutoBackend(attention_dropout=0.1).use_flex(on_cuda=True, grad=True, tokens=64)

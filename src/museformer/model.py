@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from museformer.attention import BACKENDS, FCAttention, get_backend
+from museformer.attention import BACKENDS, CACHED_STEP, FCAttention, cached_step_masks, get_backend
 from museformer.structure import AttentionPattern, bar_layout
 from museformer.structure import bar_ids as compute_bar_ids
 from museformer.structure import onset_ids as compute_onset_ids
@@ -221,9 +221,15 @@ class Layer(nn.Module):
         self.ffn = FeedForward(c.d_model, c.d_ff)
         self.dropout = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor, s: torch.Tensor | None, masks) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Shapes: x ``(B, T, D)``, s ``(B, S, D)`` or None -> the same."""
-        a_x, a_s = self.attention(self.attention_norm(x), None if s is None else self.attention_norm(s), masks)
+    def forward(self, x: torch.Tensor, s: torch.Tensor | None, state, cache=None,
+                backend=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Shapes: x ``(B, T, D)``, s ``(B, S, D)`` or None -> the same.
+
+        ``state``/``backend``: the attention backend's per-forward state (and the backend of a
+        cached step); ``cache``: this layer's ``cache.LayerCache`` (see ``FCAttention.forward``).
+        """
+        a_x, a_s = self.attention(self.attention_norm(x), None if s is None else self.attention_norm(s), state,
+                                  cache, backend)
         x = x + self.dropout(a_x)
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         if s is not None:
@@ -296,14 +302,22 @@ class Museformer(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def forward(self, input_ids: torch.Tensor, bar_ids: torch.Tensor | None = None,
-                onset_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token logits for a right-padded batch of songs.
+                onset_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Next-token logits for a right-padded batch of songs, or for the next tokens of cached songs.
+
+        The one forward pass: training, evaluation, prompt prefill and every decoding step.
 
         Args:
             input_ids: ``(B, T)`` int64, BOS first, ``PAD_ID`` right padding; every song has its own
-                bar structure (found from its ``b-1`` tokens).
+                bar structure (found from its ``b-1`` tokens). With a ``cache``: the next ``T``
+                tokens of every song (a prompt when the cache is empty, then one token per step).
             bar_ids, onset_ids: ``(B, T)`` embedding indices, computed from ``input_ids`` when None
                 (pass them to save that work; they must equal what ``structure.py`` computes).
+                With a cache they come from its ``BarTracker`` and must be None.
+            cache: an ``FCCache`` (``cache.py``) for this batch. The forward appends the tokens'
+                regular K/V (and the key2/value2 of every bar they close) to it, and reads what the
+                pattern lets the new tokens see from it. An empty cache is filled by an ordinary
+                forward through the configured backend; later forwards are cached steps.
 
         Returns:
             logits ``(B, T, V)``; logits at padding positions are meaningless (and finite).
@@ -311,17 +325,30 @@ class Museformer(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
         pattern = self.config.pattern
-        layout = bar_layout(input_ids, self.vocab, pattern)  # slots of both streams
-        masks = self.backend.prepare(layout, pattern)  # built once, shared by every layer
-        if bar_ids is None:
-            bar_ids = compute_bar_ids(input_ids, self.vocab)  # (B, T)
-        if onset_ids is None:
-            onset_ids = compute_onset_ids(input_ids, self.vocab)  # (B, T)
+        backend = self.backend
+        if cache is None:
+            layout = bar_layout(input_ids, self.vocab, pattern)  # slots of both streams
+            state = backend.prepare(layout, pattern)  # built once, shared by every layer
+            summary_bar = layout.summary_bar  # (B, S)
+            if bar_ids is None:
+                bar_ids = compute_bar_ids(input_ids, self.vocab)  # (B, T)
+            if onset_ids is None:
+                onset_ids = compute_onset_ids(input_ids, self.vocab)  # (B, T)
+        else:
+            if bar_ids is not None or onset_ids is not None:
+                raise ValueError("with a cache, bar_ids and onset_ids come from the cache's tracker; pass None")
+            step = cache.begin(input_ids)  # tags and slots of the new tokens and summaries
+            bar_ids, onset_ids, summary_bar = step.bars, step.onsets, step.summary_bar
+            if step.layout is not None:  # an empty cache: an ordinary forward that also fills it
+                state = backend.prepare(step.layout, pattern)
+            else:  # a cached step: mask rows from the one predicate on the slots' tags
+                state = cached_step_masks(step.query, step.summary_query, step.slots, step.summary_slots, pattern)
+                backend = CACHED_STEP
 
         x = self.embed.regular(input_ids, bar_ids, onset_ids)  # (B, T, D)
-        s = self.embed.summaries(layout.summary_bar) if pattern.has_summaries else None  # (B, S, D)
-        for layer in self.layers:
-            x, s = layer(x, s, masks)
+        s = self.embed.summaries(summary_bar) if pattern.has_summaries and summary_bar.shape[1] else None  # (B, S, D)
+        for i, layer in enumerate(self.layers):
+            x, s = layer(x, s, state, None if cache is None else cache.layer(i), backend)
         return self.output(self.final_norm(x))  # (B, T, V); the summary stream is dropped
 
 
