@@ -43,6 +43,7 @@ Dh = D / H; in a cached step Tq / Sq new tokens / summaries, N / Ns regular / su
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -52,6 +53,49 @@ from torch import nn
 
 from museformer.fc_blocks import FlexBackend
 from museformer.structure import AttentionPattern, BarLayout, dense_masks, may_attend
+
+
+# =============================================================================================
+# Inference-time weight layout (a CPU trick that lives with the weights it speeds up)
+# =============================================================================================
+def transposed_weight(owner: nn.Module, *weights: torch.Tensor) -> torch.Tensor:
+    """The ``(out, in)`` weights concatenated along ``out`` and stored transposed ``(in, sum out)``,
+    cached on ``owner`` until any of them changes (their storage or version counter).
+
+    A decoding step multiplies a few rows by every weight matrix and is bound by reading them; on
+    CPU ``addmm`` reads this layout faster than ``F.linear`` reads ``(out, in)`` (about 12 % here,
+    docs/benchmarks.md), and one fused Q/K/V product reads the input once. Used only without
+    autograd (the cached copy is a constant).
+    """
+    key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+    cached = owner.__dict__.get("_transposed_cache")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, torch.cat([w.detach() for w in weights]).t().contiguous())
+        owner.__dict__["_transposed_cache"] = cached
+    return cached[1]
+
+
+def _use_transposed(x: torch.Tensor) -> bool:
+    return not torch.is_grad_enabled() and x.device.type == "cpu"
+
+
+def rows_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight_t + bias`` for ``x (..., in)`` and a ``transposed_weight`` ``(in, out)``."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
+    return y.view(*x.shape[:-1], weight_t.shape[1])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) that, without autograd on CPU, multiplies by a
+    cached transposed copy of its weight (``transposed_weight``). Hooks and subclasses see an
+    ordinary module call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_transposed(x):
+            return rows_linear(x, transposed_weight(self, self.weight), self.bias)
+        return super().forward(x)
 
 
 # =============================================================================================
@@ -179,7 +223,8 @@ class CachedStepMasks:
 
     Additive float masks (0 = may attend, -inf = may not), so a step adds them to its scores; rows
     that may read nothing read everything instead and their output is zeroed (``*_empty``, None
-    when there are none), as in ``DenseStepMask``.
+    when there are none), as in ``DenseStepMask``. ``regular_to_regular`` is a view of
+    ``regular_row`` ``(B, 1, Tq, C)``, as wide as the cache, so that ``extended`` can add a slot.
     """
 
     regular_to_summary: torch.Tensor  # (B, 1, Tq, Ns)
@@ -188,6 +233,22 @@ class CachedStepMasks:
     summary_to_summary: torch.Tensor | None  # (B, 1, Sq, Sq): the new summaries among themselves
     summary_to_regular: torch.Tensor | None  # (B, 1, Sq, N)
     summary_empty: torch.Tensor | None  # (B, 1, Sq, 1)
+    regular_row: torch.Tensor | None = None  # (B, 1, Tq, C)
+
+    def extended(self, new_slots: torch.Tensor, n: int) -> CachedStepMasks:
+        """The rows of the next token of the same bar (one query per song, no new summary).
+
+        ``may_attend`` gives it the previous token's row plus its own new slot: every earlier slot
+        has the same bar relation (same bar) and an earlier position, and summaries are read only
+        strictly after their ``b-1``, which would have started a new bar. So the predicate need not
+        run again inside a bar (the cache decides when this holds; the tests compare the logits).
+
+        Args:
+            new_slots: ``(B,)`` flat indices ``b * C + slot`` of each song's new slot.
+            n: slots in use after this step.
+        """
+        self.regular_row.view(-1).index_fill_(0, new_slots, 0.0)
+        return dataclasses.replace(self, regular_to_regular=self.regular_row[..., :n])
 
 
 def _bias(*allowed: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -202,22 +263,27 @@ def _bias(*allowed: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | No
     return biases, (empty[:, None] if has_empty else None)
 
 
-def cached_step_masks(query, summary_query, slots, summary_slots, pattern: AttentionPattern) -> CachedStepMasks:
+def cached_step_masks(query, summary_query, slots, summary_slots, pattern: AttentionPattern,
+                      capacity: int = 0) -> CachedStepMasks:
     """The mask rows of one cached forward, all from ``may_attend``.
 
     Args:
         query: ``(kind, bar, pos)`` of the new regular tokens, each ``(B, Tq)``.
         summary_query: the same for the new summaries ``(B, Sq)`` (None when no bar closes).
         slots, summary_slots: the cache's regular / summary slot tags, each ``(B, N)`` / ``(B, Ns)``.
+        capacity: C, the cache's regular capacity (the width of ``regular_row``; 0 = N).
     """
     def rows(q, k):  # (B, Q) x (B, K) -> (B, Q, K)
         return may_attend(*(x[..., None] for x in q), *(x[:, None, :] for x in k), pattern)
 
     (to_summary, to_regular), empty = _bias(rows(query, summary_slots), rows(query, slots))
+    n = to_regular.shape[-1]
+    row = torch.full((*to_regular.shape[:-1], max(capacity, n)), float("-inf"), device=to_regular.device)
+    row[..., :n] = to_regular
     if summary_query is None:
-        return CachedStepMasks(to_summary, to_regular, empty, None, None, None)
+        return CachedStepMasks(to_summary, row[..., :n], empty, None, None, None, row)
     (s_to_s, s_to_r), s_empty = _bias(rows(summary_query, summary_query), rows(summary_query, slots))
-    return CachedStepMasks(to_summary, to_regular, empty, s_to_s, s_to_r, s_empty)
+    return CachedStepMasks(to_summary, row[..., :n], empty, s_to_s, s_to_r, s_empty, row)
 
 
 def _two_part_attend(q, k_a, v_a, bias_a, k_b, v_b, bias_b, empty) -> torch.Tensor:
@@ -285,13 +351,13 @@ class FCAttention(nn.Module):
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
-        self.out_proj = nn.Linear(d_model, d_model)  # one bias, shared by both streams
+        self.out_proj = Linear(d_model, d_model)  # one bias, shared by both streams
         self.regular_bias = nn.Parameter(torch.zeros(3, d_model))  # q, k, v biases of regular tokens
         if has_summaries:
             self.summary_bias = nn.Parameter(torch.zeros(3, d_model))  # q, k, v biases of summaries
             # what later bars read of a bar: its summarisation output, projected (no bias, as released)
-            self.key2 = nn.Linear(d_model, d_model, bias=False)
-            self.value2 = nn.Linear(d_model, d_model, bias=False)
+            self.key2 = Linear(d_model, d_model, bias=False)
+            self.value2 = Linear(d_model, d_model, bias=False)
 
     # -- projections (what a KV cache stores) ----------------------------------------------------
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,6 +369,11 @@ class FCAttention(nn.Module):
         return x.transpose(1, 2).reshape(B, L, self.d_model)  # (B, H, L, Dh) -> (B, L, D)
 
     def _project(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if _use_transposed(x):  # one fused Q/K/V product over a cached transposed weight
+            B, L, _ = x.shape
+            w = transposed_weight(self, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)  # (D, 3D)
+            qkv = rows_linear(x, w, bias.reshape(-1)).view(B, L, 3, self.n_heads, self.d_head)
+            return tuple(t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, L, Dh)
         q = self._heads(F.linear(x, self.q_proj.weight, bias[0]))  # (B, L, D) -> (B, H, L, Dh)
         k = self._heads(F.linear(x, self.k_proj.weight, bias[1]))
         v = self._heads(F.linear(x, self.v_proj.weight, bias[2]))

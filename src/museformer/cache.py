@@ -60,6 +60,9 @@ class CacheStep:
         query, summary_query: tags of the new tokens / summaries (cached steps; None otherwise or
             when no bar closes).
         slots, summary_slots: tags of the slots the queries may read (cached steps).
+        same_bar: one token per song, each in the same bar as the previous step's (a cached
+            step whose mask rows are the previous ones plus the new slots: ``masks`` holds them).
+        new_slots: ``(B,)`` flat ``b * C + slot`` of each song's new slot (cached steps).
     """
 
     bars: torch.Tensor
@@ -70,6 +73,8 @@ class CacheStep:
     summary_query: Tags | None = None
     slots: Tags | None = None
     summary_slots: Tags | None = None
+    same_bar: bool = False
+    new_slots: torch.Tensor | None = None
 
 
 class LayerCache:
@@ -120,6 +125,8 @@ class FCCache:
         self._filling = False
         self._slots = self._summary_slots = None
         self._n = self._ns = 0
+        self.masks = None  # the last cached step's mask rows (reused inside a bar)
+        self._last_bars: torch.Tensor | None = None
         summary_capacity = summary_capacity if c.pattern.has_summaries else 0
         self.keys, self.values, (self.kind, self.bar, self.pos), self.used = self._empty(max(capacity, MIN_CAPACITY))
         (self.summary_keys, self.summary_values, (self.summary_kind, self.summary_bar, self.summary_pos),
@@ -179,9 +186,11 @@ class FCCache:
         rows = torch.arange(B, device=ids.device)[:, None]  # (B, 1)
         kind = torch.where(real, int(SlotKind.REGULAR), int(SlotKind.PAD))
         query = (kind, bars, positions)
-        self._slots = self.used[:, None] + torch.arange(Tq, device=ids.device)  # (B, Tq)
+        slots_before = self.used
+        slots = self.used[:, None] + torch.arange(Tq, device=ids.device)  # (B, Tq)
+        self._slots = self._flat(slots, self.capacity)
         self._n = int(self.used.max()) + Tq
-        self.kind[rows, self._slots], self.bar[rows, self._slots], self.pos[rows, self._slots] = query
+        self.kind[rows, slots], self.bar[rows, slots], self.pos[rows, slots] = query
         summary_query = None
         summary_bar = bars[:, :0]  # (B, 0)
         if Sq:
@@ -192,8 +201,8 @@ class FCCache:
             summary_bar, s_pos = torch.zeros_like(s_kind), torch.full_like(s_kind, -1)
             s_kind[r, j], summary_bar[r, j], s_pos[r, j] = int(SlotKind.SUMMARY), bars[r, t], positions[r, t]
             summary_query = (s_kind, summary_bar, s_pos)
-            self._summary_slots = self.summary_used[:, None] + torch.arange(Sq, device=ids.device)  # (B, Sq)
-            s = self._summary_slots
+            s = self.summary_used[:, None] + torch.arange(Sq, device=ids.device)  # (B, Sq)
+            self._summary_slots = self._flat(s, self.summary_kind.shape[1])
             self.summary_kind[rows, s], self.summary_bar[rows, s], self.summary_pos[rows, s] = summary_query
         self._ns = int(self.summary_used.max()) + Sq
         self.used = self.used + real.sum(dim=1)
@@ -201,18 +210,39 @@ class FCCache:
         n, ns = self._n, self._ns
         slots = (self.kind[:, :n], self.bar[:, :n], self.pos[:, :n])
         summary_slots = (self.summary_kind[:, :ns], self.summary_bar[:, :ns], self.summary_pos[:, :ns])
-        return CacheStep(bars, onsets, summary_bar, None, query, summary_query, slots, summary_slots)
+        same_bar = (Tq == 1 and not Sq and self.masks is not None and self._last_bars is not None
+                    and torch.equal(bars, self._last_bars))
+        self._last_bars = bars if Tq == 1 else None
+        new_slots = self._new_slots(slots_before, Tq)
+        return CacheStep(bars, onsets, summary_bar, None, query, summary_query, slots, summary_slots, same_bar, new_slots)
+
+    def _new_slots(self, used_before: torch.Tensor, tokens: int) -> torch.Tensor | None:
+        if tokens != 1:
+            return None
+        return torch.arange(self.batch_size, device=used_before.device) * self.capacity + used_before
 
     def _write(self, keys, values, k, v, slots, n):
-        """Write new K/V ``(B, H, L, Dh)`` into a layer's buffers ``(B, H, C, Dh)``; return what is read."""
+        """Write new K/V ``(B, H, L, Dh)`` into a layer's buffers ``(B, H, C, Dh)``; return what is read.
+
+        ``slots`` are flat row indices into the buffer seen as ``(B * H * C, Dh)`` (``_flat``), so
+        a write is one ``index_copy_`` (the same indices serve every layer of the forward).
+        """
         if self._filling:
             L = k.shape[2]
             keys[:, :, :L], values[:, :, :L] = k, v
             return k, v
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
-        keys[rows, :, slots] = k.transpose(1, 2)  # (B, L, H, Dh) into (B, ., H, ., Dh) slots
-        values[rows, :, slots] = v.transpose(1, 2)
+        Dh = k.shape[-1]
+        keys.view(-1, Dh).index_copy_(0, slots, k.reshape(-1, Dh))  # (B * H * L, Dh) rows
+        values.view(-1, Dh).index_copy_(0, slots, v.reshape(-1, Dh))
         return keys[:, :, :n], values[:, :, :n]
+
+    def _flat(self, slots: torch.Tensor, capacity: int) -> torch.Tensor:
+        """Flat rows ``(B * H * L,)`` of slots ``(B, L)`` in a ``(B, H, capacity, Dh)`` buffer, in the
+        order of a ``(B, H, L, Dh)`` tensor's rows."""
+        B, L = slots.shape
+        H = self.shape[2]
+        base = torch.arange(B * H, device=slots.device).view(B, H, 1) * capacity  # (B, H, 1)
+        return (base + slots[:, None, :]).reshape(-1)
 
     # -- room -----------------------------------------------------------------------------------
     def _reserve(self, tokens: int, summaries: int) -> None:
@@ -230,6 +260,7 @@ class FCCache:
             self._grow(None, max(2 * self.summary_kind.shape[1], need_s + MIN_CAPACITY))
 
     def _grow(self, capacity: int | None, summary_capacity: int | None) -> None:
+        self.masks = None  # slots move
         if capacity is not None:
             n = self.capacity
             keys, values, tags, _ = self._empty(capacity)
@@ -260,6 +291,7 @@ class FCCache:
         dropped = int(dead.sum())
         if not dropped:
             return 0
+        self.masks = None  # slots move
         # a stable sort puts the live slots first, in their original order
         order = torch.sort((~live).to(torch.uint8), dim=1, stable=True).indices  # (B, C)
         gather = order[None, :, None, :, None].expand_as(self.keys)  # (L, B, H, C, Dh)
@@ -275,6 +307,7 @@ class FCCache:
     def select(self, rows: torch.Tensor) -> None:
         """Keep only some songs (indices into the batch, in this order), e.g. without finished ones."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
+        self.masks, self._last_bars = None, None
         for name in ("keys", "values", "summary_keys", "summary_values"):
             setattr(self, name, getattr(self, name).index_select(1, rows))
         for name in ("kind", "bar", "pos", "used", "summary_kind", "summary_bar", "summary_pos", "summary_used"):

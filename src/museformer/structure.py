@@ -136,6 +136,8 @@ class BarTracker:
         Shapes: ids ``(B, Tq)`` -> three ``(B, Tq)`` int64 tensors (position = index in the song).
         """
         batch, length = ids.shape
+        if length == 1 and bool((self.next_pos > 0).all()):
+            return self._advance_one(ids[:, 0])
         real = ids != PAD_ID
         kind = self.kinds[ids]  # (B, Tq)
         at = torch.arange(length, device=ids.device).expand(batch, length)  # (B, Tq)
@@ -164,6 +166,21 @@ class BarTracker:
         self.closed = self.closed + is_end.sum(dim=1)
         self.next_pos = self.next_pos + count
         return bars, onsets, positions
+
+    def _advance_one(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``advance`` for one token per song after the first (a decoding step): the same rules
+        in a third of the tensor ops. Shapes: token ``(B,)`` -> three ``(B, 1)``."""
+        real = token != PAD_ID
+        kind = self.kinds[token]  # (B,)
+        in_force = torch.where(kind == TokenKind.ONSET, self.values[token] + 1, self.onset)
+        onsets = torch.where(self.inherits[token] & real, in_force, 0)
+        bars = torch.where(real, self.closed + 1, 0)
+        positions = self.next_pos
+        is_end = (kind == TokenKind.BAR) & real
+        self.onset = torch.where(is_end, 0, torch.where(real, in_force, self.onset))
+        self.closed = self.closed + is_end.long()
+        self.next_pos = self.next_pos + real.long()
+        return bars[:, None], onsets[:, None], positions[:, None]
 
 
 # =============================================================================================
