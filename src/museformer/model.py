@@ -180,12 +180,40 @@ class Embeddings(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
 
     def regular(self, ids: torch.Tensor, bars: torch.Tensor, onsets: torch.Tensor) -> torch.Tensor:
-        """Shapes: ids, bars, onsets ``(B, T)`` -> ``(B, T, D)``."""
+        """Shapes: ids, bars, onsets ``(B, T)`` -> ``(B, T, D)``.
+
+        A decoding step (no autograd, few tokens) reads the same sum from tables instead (see
+        ``_tables``); a hook on ``regular_proj`` does not see those calls.
+        """
+        if not torch.is_grad_enabled() and not self.training and ids.numel() <= 256:
+            token_rows, bar_rows, onset_rows = self._tables(int(bars.max()), int(onsets.max()))
+            return token_rows[ids] + bar_rows[bars] + onset_rows[onsets]  # (B, T, D)
         x = torch.cat(
             [self.token(ids) * math.sqrt(self.d_model), sinusoid(bars, self.bar_dim), sinusoid(onsets, self.onset_dim)],
             dim=-1,
         )  # (B, T, D + bar_dim + onset_dim)
         return self.dropout(self.regular_proj(x))
+
+    def _tables(self, max_bar: int, max_onset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``regular_proj`` of the concatenation is a sum of three products, one per part: the token
+        part (with the bias) as a table over the vocabulary, the bar and onset parts as tables over
+        bar / onset ids (grown on demand). Sums are reordered only (equal within float rounding).
+        Cached until a weight changes."""
+        W, b = self.regular_proj.weight, self.regular_proj.bias
+        key = tuple((t.data_ptr(), t._version) for t in (self.token.weight, W, b))
+        cached = self.__dict__.get("_table_cache")
+        if cached is None or cached[0] != key or cached[2].shape[0] <= max_bar or cached[3].shape[0] <= max_onset:
+            D, bar_dim = self.d_model, self.bar_dim
+            n_bars = 1 << max(max_bar + 1, 64).bit_length()
+            n_onsets = 1 << max(max_onset + 1, 64).bit_length()
+            with torch.no_grad():
+                token_rows = F.linear(self.token.weight * math.sqrt(D), W[:, :D], b)  # (V, D)
+                index = torch.arange(max(n_bars, n_onsets), device=W.device)
+                bar_rows = F.linear(sinusoid(index[:n_bars], bar_dim).to(W.dtype), W[:, D : D + bar_dim])
+                onset_rows = F.linear(sinusoid(index[:n_onsets], self.onset_dim).to(W.dtype), W[:, D + bar_dim :])
+            cached = (key, token_rows, bar_rows, onset_rows)
+            self.__dict__["_table_cache"] = cached
+        return cached[1], cached[2], cached[3]
 
     def summaries(self, bars: torch.Tensor) -> torch.Tensor:
         """Shapes: bar index of each summary slot ``(B, S)`` (0 = padding) -> ``(B, S, D)``."""
