@@ -33,6 +33,17 @@ from museformer.tokenizer import Tokenizer
 from museformer.vocab import BOS_ID
 
 
+def cpu_model() -> str:
+    """The CPU model name as ``lscpu`` prints it (platform.processor() is often empty on Linux)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def made_up_song(tokens: int, vocab) -> torch.Tensor:
     """A song of about 60 tokens per bar (20 notes), long enough for ``tokens``."""
     song = toy_song(tokens // 40 + 2, vocab, seed=0, min_notes=10, max_notes=30)
@@ -102,7 +113,11 @@ def main() -> None:
     song = made_up_song(args.tokens, model.vocab)
     assert int(song[0]) == BOS_ID
     probes = [int(p) for p in args.probes.split(",") if int(p) <= args.tokens]
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {platform.processor() or platform.machine()}  "
+    import museformer
+
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {cpu_model()} "
+          f"({os.cpu_count()} CPUs, capability {torch.backends.cpu.get_cpu_capability()})  "
+          f"code {os.path.dirname(museformer.__file__)}  "
           f"torch {torch.__version__}  threads {args.threads}  preset {args.preset} "
           f"({model.num_parameters() / 1e6:.1f} M parameters)  load average {os.getloadavg()[0]:.2f}")
     if not args.sampling_only:

@@ -234,6 +234,7 @@ class CachedStepMasks:
     summary_to_regular: torch.Tensor | None  # (B, 1, Sq, N)
     summary_empty: torch.Tensor | None  # (B, 1, Sq, 1)
     regular_row: torch.Tensor | None = None  # (B, 1, Tq, C)
+    summary_songs: torch.Tensor | None = None  # (R,) the songs the Sq summary rows belong to
 
     def extended(self, new_slots: torch.Tensor, n: int) -> CachedStepMasks:
         """The rows of the next token of the same bar (one query per song, no new summary).
@@ -264,7 +265,7 @@ def _bias(*allowed: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | No
 
 
 def cached_step_masks(query, summary_query, slots, summary_slots, pattern: AttentionPattern,
-                      capacity: int = 0) -> CachedStepMasks:
+                      capacity: int = 0, summary_songs: torch.Tensor | None = None) -> CachedStepMasks:
     """The mask rows of one cached forward, all from ``may_attend``.
 
     Args:
@@ -272,6 +273,7 @@ def cached_step_masks(query, summary_query, slots, summary_slots, pattern: Atten
         summary_query: the same for the new summaries ``(B, Sq)`` (None when no bar closes).
         slots, summary_slots: the cache's regular / summary slot tags, each ``(B, N)`` / ``(B, Ns)``.
         capacity: C, the cache's regular capacity (the width of ``regular_row``; 0 = N).
+        summary_songs: ``(R,)`` the songs of the summary rows (``summary_query`` is ``(R, Sq)``).
     """
     def rows(q, k):  # (B, Q) x (B, K) -> (B, Q, K)
         return may_attend(*(x[..., None] for x in q), *(x[:, None, :] for x in k), pattern)
@@ -282,8 +284,9 @@ def cached_step_masks(query, summary_query, slots, summary_slots, pattern: Atten
     row[..., :n] = to_regular
     if summary_query is None:
         return CachedStepMasks(to_summary, row[..., :n], empty, None, None, None, row)
-    (s_to_s, s_to_r), s_empty = _bias(rows(summary_query, summary_query), rows(summary_query, slots))
-    return CachedStepMasks(to_summary, row[..., :n], empty, s_to_s, s_to_r, s_empty, row)
+    song_slots = slots if summary_songs is None else tuple(x.index_select(0, summary_songs) for x in slots)
+    (s_to_s, s_to_r), s_empty = _bias(rows(summary_query, summary_query), rows(summary_query, song_slots))
+    return CachedStepMasks(to_summary, row[..., :n], empty, s_to_s, s_to_r, s_empty, row, summary_songs)
 
 
 def _two_part_attend(q, k_a, v_a, bias_a, k_b, v_b, bias_b, empty) -> torch.Tensor:
@@ -323,7 +326,10 @@ class CachedStepBackend:
     name = "cached"
 
     def summarise(self, q_s, k_s, v_s, k_r, v_r, state: CachedStepMasks, dropout_p: float = 0.0) -> torch.Tensor:
-        """New summaries over themselves + the cached regular slots of their bar."""
+        """New summaries over themselves + the cached regular slots of their bar (only the songs
+        that close a bar: ``state.summary_songs``)."""
+        if state.summary_songs is not None:
+            k_r, v_r = k_r.index_select(0, state.summary_songs), v_r.index_select(0, state.summary_songs)
         return _two_part_attend(q_s, k_s, v_s, state.summary_to_summary, k_r, v_r, state.summary_to_regular,
                                 state.summary_empty)
 

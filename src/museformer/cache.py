@@ -54,7 +54,8 @@ class CacheStep:
 
     Attributes:
         bars, onsets: ``(B, Tq)`` embedding indices of the new tokens (``BarTracker``).
-        summary_bar: ``(B, Sq)`` bar of each new summary (0 = a PAD row: that song closes fewer bars).
+        summary_bar: ``(B, Sq)`` (cached steps: ``(R, Sq)``) bar of each new summary (0 = a PAD row:
+            that song closes fewer bars).
         layout: the chunk's ``BarLayout`` when it fills an empty cache (the forward then runs its
             ordinary backend), else None.
         query, summary_query: tags of the new tokens / summaries (cached steps; None otherwise or
@@ -63,6 +64,8 @@ class CacheStep:
         same_bar: one token per song, each in the same bar as the previous step's (a cached
             step whose mask rows are the previous ones plus the new slots: ``masks`` holds them).
         new_slots: ``(B,)`` flat ``b * C + slot`` of each song's new slot (cached steps).
+        summary_songs: ``(R,)`` the songs whose bars close in a cached step; the summary stream
+            (``summary_bar``, ``summary_query``: ``(R, Sq)``) has rows for them only.
     """
 
     bars: torch.Tensor
@@ -75,6 +78,7 @@ class CacheStep:
     summary_slots: Tags | None = None
     same_bar: bool = False
     new_slots: torch.Tensor | None = None
+    summary_songs: torch.Tensor | None = None
 
 
 class LayerCache:
@@ -191,7 +195,7 @@ class FCCache:
         self._slots = self._flat(slots, self.capacity)
         self._n = int(self.used.max()) + Tq
         self.kind[rows, slots], self.bar[rows, slots], self.pos[rows, slots] = query
-        summary_query = None
+        summary_query = summary_songs = None
         summary_bar = bars[:, :0]  # (B, 0)
         if Sq:
             # the j-th b-1 of a song in this chunk closes its j-th new summary
@@ -200,10 +204,14 @@ class FCCache:
             s_kind = torch.full((B, Sq), int(SlotKind.PAD), dtype=torch.long, device=ids.device)
             summary_bar, s_pos = torch.zeros_like(s_kind), torch.full_like(s_kind, -1)
             s_kind[r, j], summary_bar[r, j], s_pos[r, j] = int(SlotKind.SUMMARY), bars[r, t], positions[r, t]
-            summary_query = (s_kind, summary_bar, s_pos)
             s = self.summary_used[:, None] + torch.arange(Sq, device=ids.device)  # (B, Sq)
-            self._summary_slots = self._flat(s, self.summary_kind.shape[1])
-            self.summary_kind[rows, s], self.summary_bar[rows, s], self.summary_pos[rows, s] = summary_query
+            self.summary_kind[rows, s], self.summary_bar[rows, s], self.summary_pos[rows, s] = s_kind, summary_bar, s_pos
+            # only the songs that close a bar carry a summary stream (R songs): at batch 64 some
+            # song closes a bar at almost every step, and 64 rows of summaries would double the work
+            summary_songs = (closes > 0).nonzero()[:, 0]  # (R,)
+            summary_query = tuple(x.index_select(0, summary_songs) for x in (s_kind, summary_bar, s_pos))  # (R, Sq)
+            summary_bar = summary_query[1]
+            self._summary_slots = self._flat(s.index_select(0, summary_songs), self.summary_kind.shape[1], summary_songs)
         self._ns = int(self.summary_used.max()) + Sq
         self.used = self.used + real.sum(dim=1)
         self.summary_used = self.summary_used + closes
@@ -214,7 +222,8 @@ class FCCache:
                     and torch.equal(bars, self._last_bars))
         self._last_bars = bars if Tq == 1 else None
         new_slots = self._new_slots(slots_before, Tq)
-        return CacheStep(bars, onsets, summary_bar, None, query, summary_query, slots, summary_slots, same_bar, new_slots)
+        return CacheStep(bars, onsets, summary_bar, None, query, summary_query, slots, summary_slots, same_bar, new_slots,
+                         summary_songs)
 
     def _new_slots(self, used_before: torch.Tensor, tokens: int) -> torch.Tensor | None:
         if tokens != 1:
@@ -236,13 +245,14 @@ class FCCache:
         values.view(-1, Dh).index_copy_(0, slots, v.reshape(-1, Dh))
         return keys[:, :, :n], values[:, :, :n]
 
-    def _flat(self, slots: torch.Tensor, capacity: int) -> torch.Tensor:
-        """Flat rows ``(B * H * L,)`` of slots ``(B, L)`` in a ``(B, H, capacity, Dh)`` buffer, in the
-        order of a ``(B, H, L, Dh)`` tensor's rows."""
-        B, L = slots.shape
+    def _flat(self, slots: torch.Tensor, capacity: int, songs: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat rows ``(R * H * L,)`` of slots ``(R, L)`` of some songs (default: all, in order) in a
+        ``(B, H, capacity, Dh)`` buffer, in the order of an ``(R, H, L, Dh)`` tensor's rows."""
+        R, L = slots.shape
         H = self.shape[2]
-        base = torch.arange(B * H, device=slots.device).view(B, H, 1) * capacity  # (B, H, 1)
-        return (base + slots[:, None, :]).reshape(-1)
+        songs = torch.arange(R, device=slots.device) if songs is None else songs
+        base = (songs[:, None] * H + torch.arange(H, device=slots.device)) * capacity  # (R, H)
+        return (base[..., None] + slots[:, None, :]).reshape(-1)
 
     # -- room -----------------------------------------------------------------------------------
     def _reserve(self, tokens: int, summaries: int) -> None:
@@ -348,7 +358,6 @@ class Decoder:
         """Regular slots dropped so far."""
         return 0 if self.cache is None else self.cache.evicted
 
-    @torch.no_grad()
     def prefill(self, prompts) -> torch.Tensor:
         """Read a batch of prompts in one forward; returns the logits after each one ``(B, V)``.
 
@@ -366,20 +375,25 @@ class Decoder:
                 raise ValueError("every prompt needs at least its BOS token")
             ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=PAD_ID).to(self.device)
         B, T = ids.shape
-        self.cache = FCCache(self.model, B, capacity=max(self.initial_capacity, T + MIN_CAPACITY))
-        logits = self.model(ids, cache=self.cache)  # (B, T, V)
-        last = ((ids != PAD_ID).sum(dim=1) - 1).clamp(min=0)  # (B,)  prompts are right-padded
-        return logits[torch.arange(B, device=self.device), last]  # (B, V)
+        # the cache and every step live in inference mode (cheaper per op); the logits handed out
+        # are ordinary tensors (a copy) that callers may modify in place
+        with torch.inference_mode():
+            self.cache = FCCache(self.model, B, capacity=max(self.initial_capacity, T + MIN_CAPACITY))
+            logits = self.model(ids, cache=self.cache)  # (B, T, V)
+            last = ((ids != PAD_ID).sum(dim=1) - 1).clamp(min=0)  # (B,)  prompts are right-padded
+            logits = logits[torch.arange(B, device=self.device), last]  # (B, V)
+        return logits.clone()
 
-    @torch.no_grad()
     def step(self, next_ids: torch.Tensor) -> torch.Tensor:
         """Append one token to every song; returns the logits for the token after it ``(B, V)``."""
         ids = torch.as_tensor(next_ids, dtype=torch.long, device=self.device).reshape(-1, 1)  # (B, 1)
         if ids.shape[0] != self.batch_size:
             raise ValueError(f"step got {ids.shape[0]} tokens for a batch of {self.batch_size} songs")
-        return self.model(ids, cache=self.cache)[:, 0]  # (B, V)
+        with torch.inference_mode():
+            logits = self.model(ids, cache=self.cache)[:, 0]  # (B, V)
+        return logits.clone()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def keep(self, rows) -> None:
         """Keep only these songs (indices into the current batch), in this order."""
         self.cache.select(rows)

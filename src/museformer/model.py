@@ -374,7 +374,7 @@ class Museformer(nn.Module):
                     state = cache.masks.extended(step.new_slots, step.slots[0].shape[1])
                 else:
                     state = cached_step_masks(step.query, step.summary_query, step.slots, step.summary_slots,
-                                              pattern, cache.capacity)
+                                              pattern, cache.capacity, step.summary_songs)
                 cache.masks = state
                 backend = CACHED_STEP
 
