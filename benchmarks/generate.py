@@ -33,6 +33,17 @@ from museformer.tokenizer import Tokenizer
 from museformer.vocab import BOS_ID
 
 
+def cpu_model() -> str:
+    """The CPU model name as ``lscpu`` prints it (platform.processor() is often empty on Linux)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def made_up_song(tokens: int, vocab) -> torch.Tensor:
     """A song of about 60 tokens per bar (20 notes), long enough for ``tokens``."""
     song = toy_song(tokens // 40 + 2, vocab, seed=0, min_notes=10, max_notes=30)
@@ -84,6 +95,29 @@ def sampling_rate(model, tokenizer, batch: int, tokens: int, seed: int = 0, gram
     return best
 
 
+def matmul_ceiling(model, batches=(1, 64), repeats: int = 20) -> None:
+    """Tokens/s if a decoding step did nothing but its weight products (every layer's Q/K/V, out,
+    FFN, and the output projection; transposed layout, as the model uses without autograd on CPU),
+    in float32 and bfloat16: the ceiling any decoder reaches on this CPU."""
+    c = model.config
+    shapes = [(c.d_model, 3 * c.d_model), (c.d_model, c.d_model), (c.d_model, c.d_ff), (c.d_ff, c.d_model)] * c.n_layers
+    shapes.append((c.d_model, c.vocab_size))
+    for dtype in (torch.float32, torch.bfloat16):
+        weights = [torch.randn(*s).to(dtype) for s in shapes]
+        for batch in batches:
+            inputs = {n: torch.randn(batch, n).to(dtype) for n in {s[0] for s in shapes}}
+            best = float("inf")
+            runs = repeats if dtype == torch.float32 else 1  # bf16 without native support is very slow
+            for _ in range(2):
+                t = time.perf_counter()
+                for _ in range(runs):
+                    for w in weights:
+                        inputs[w.shape[0]] @ w
+                best = min(best, (time.perf_counter() - t) / runs)
+            print(f"weight products only, {str(dtype)[6:]}, batch {batch}: {best * 1e3:.2f} ms/step = "
+                  f"{batch / best:.0f} tokens/s ceiling")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="paper")
@@ -94,6 +128,7 @@ def main() -> None:
     ap.add_argument("--sample-tokens", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3, help="sampling runs per setting (the best is reported)")
     ap.add_argument("--sampling-only", action="store_true", help="skip the cache-vs-recompute comparison")
+    ap.add_argument("--ceiling", action="store_true", help="also time the weight products alone (fp32, bf16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -102,11 +137,17 @@ def main() -> None:
     song = made_up_song(args.tokens, model.vocab)
     assert int(song[0]) == BOS_ID
     probes = [int(p) for p in args.probes.split(",") if int(p) <= args.tokens]
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {platform.processor() or platform.machine()}  "
+    import museformer
+
+    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  {cpu_model()} "
+          f"({os.cpu_count()} CPUs, capability {torch.backends.cpu.get_cpu_capability()})  "
+          f"code {os.path.dirname(museformer.__file__)}  "
           f"torch {torch.__version__}  threads {args.threads}  preset {args.preset} "
           f"({model.num_parameters() / 1e6:.1f} M parameters)  load average {os.getloadavg()[0]:.2f}")
     if not args.sampling_only:
         compare(model, song, probes, args.tokens)
+    if args.ceiling:
+        matmul_ceiling(model, (1, args.batch))
     for batch, grammar in ((1, True), (1, False), (args.batch, True), (args.batch, False)):
         rate = sampling_rate(model, tokenizer, batch, args.sample_tokens, grammar=grammar, repeats=args.repeats)
         print(f"sampling (top-k 8, grammar {'on' if grammar else 'off'}), batch {batch}: {rate:.0f} tokens/s "

@@ -212,24 +212,50 @@ def test_flex_refuses_attention_dropout():
     """The flex backend raises instead of silently skipping attention dropout."""
     backend = fc_blocks.FlexBackend()
     layout = bar_layout(batch([song([3, 3])]), VOCAB, AttentionPattern())
-    masks = backend.prepare(layout, AttentionPattern())
+    state = backend.prepare(layout, AttentionPattern())
     q = torch.zeros(1, H, 1, D)
     with pytest.raises(ValueError, match="dropout"):
-        backend.attend(q, q, q, masks.summary, dropout_p=0.1)
+        backend.summarise(q, q, q, q, q, state, dropout_p=0.1)
+    with pytest.raises(ValueError, match="dropout"):
+        backend.aggregate(q, q, q, q, q, state, dropout_p=0.1)
 
 
 def test_auto_backend_choice():
     """'auto' uses dense on CPU with gradients or short songs, flex on CPU for long no-grad forwards."""
-    from museformer.attention import AutoBackend, DenseStepMask
+    from museformer.attention import AutoBackend, DenseBackend
 
     backend, pattern = AutoBackend(), AttentionPattern()
     short = bar_layout(batch([song([3, 3])]), VOCAB, pattern)
     long = bar_layout(batch([song([100] * 50)]), VOCAB, pattern)
-    assert isinstance(backend.prepare(long, pattern).regular, DenseStepMask)  # grad enabled
+    assert isinstance(backend.prepare(long, pattern).backend, DenseBackend)  # grad enabled
     with torch.no_grad():
-        assert isinstance(backend.prepare(short, pattern).regular, DenseStepMask)
-        assert isinstance(backend.prepare(long, pattern).regular, fc_blocks.FlexRegularStep)
+        assert isinstance(backend.prepare(short, pattern).backend, DenseBackend)
+        assert isinstance(backend.prepare(long, pattern).state, fc_blocks.FlexState)
     # on CUDA: flex, except for training with attention dropout, which flex does not have
     assert backend.use_flex(on_cuda=True, grad=True, tokens=64)
     assert not AutoBackend(attention_dropout=0.1).use_flex(on_cuda=True, grad=True, tokens=64)
     assert AutoBackend(attention_dropout=0.1).use_flex(on_cuda=True, grad=False, tokens=64)
+
+
+def test_prefill_through_flex_then_cached_steps_equal_dense():
+    """A prompt read into the cache by the 'flex' backend (the model's own forward) and the cached
+    steps after it give the dense model's full-forward logits."""
+    from museformer.cache import Decoder
+
+    torch.manual_seed(0)
+    dense = Museformer(MuseformerConfig.preset("tiny")).eval()
+    flex = Museformer(MuseformerConfig.preset("tiny", attention_backend="flex")).eval()
+    flex.load_state_dict(dense.state_dict())
+    songs = [song([5, 2, 9, 1, 3, 7, 4, 2, 8]), song([3, 6, 2], complete=False)]
+    ids = batch(songs)  # the shape of test_model_logits_flex_equal_dense: no new compilation
+    with torch.no_grad():
+        full = [dense(torch.tensor([s + s[1:8]]))[0] for s in songs]  # each song, then 7 more tokens
+    dec = Decoder(flex)
+    logits = dec.prefill(ids)
+    for b, s in enumerate(songs):
+        torch.testing.assert_close(logits[b], full[b][len(s) - 1], atol=1e-4, rtol=1e-4)
+    # continue both songs with the same 7 tokens (their own first tokens after BOS)
+    for t in range(7):
+        logits = dec.step(torch.tensor([s[1 + t] for s in songs]))
+        for b, s in enumerate(songs):
+            torch.testing.assert_close(logits[b], full[b][len(s) + t], atol=1e-4, rtol=1e-4)

@@ -196,3 +196,42 @@ def test_cli_pattern_writes_png(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["pattern", "--bars", "6", "--fine-offsets", "0", "-o", str(out)]) == 1
     assert main(["pattern", "-o", str(out)]) == 1
+
+
+def test_bar_tracker_equals_bar_and_onset_ids():
+    """BarTracker, fed a padded batch chunk by chunk (whole, token by token, uneven), gives exactly
+    bar_ids / onset_ids of the whole songs, including onsets carried across chunks."""
+    from museformer.structure import BarTracker
+
+    songs = [toy_song(n, VOCAB, seed=n, incomplete_last=bool(n % 2)) for n in (4, 7, 1)]
+    songs[1][5] = VOCAB.token_to_id("o-12")  # a second onset inside a bar
+    ids = torch.nn.utils.rnn.pad_sequence(songs, batch_first=True, padding_value=PAD_ID)
+    want_bars, want_onsets = bar_ids(ids, VOCAB), onset_ids(ids, VOCAB)
+    for sizes in ([ids.shape[1]], [1] * ids.shape[1], [2, 5, 1, 9, 3, 100]):
+        tracker, got, start = BarTracker(VOCAB, ids.shape[0]), [], 0
+        for size in sizes:
+            if start >= ids.shape[1]:
+                break
+            bars, onsets, positions = tracker.advance(ids[:, start : start + size])
+            longest = int((ids != PAD_ID).sum(1).argmax())  # padding does not advance a song
+            assert positions[longest].tolist() == list(range(start, start + bars.shape[1]))
+            got.append((bars, onsets))
+            start += size
+        assert torch.equal(torch.cat([g[0] for g in got], 1), want_bars)
+        assert torch.equal(torch.cat([g[1] for g in got], 1), want_onsets)
+    assert tracker.closed.tolist() == complete_bars(ids, VOCAB).tolist()
+
+
+def test_bar_relation_is_the_rule_everything_uses():
+    """bar_relation: distance 0 and the fine offsets are fine, other earlier bars coarse (only with
+    summaries); the horizon and first coarse distance follow from it."""
+    from museformer.structure import bar_relation
+
+    distance = torch.arange(-2, 40)
+    for pattern in (AttentionPattern(), AttentionPattern(fine_offsets=(1, 3)), AttentionPattern(summary_tokens=0)):
+        fine, coarse = bar_relation(distance, pattern)
+        assert distance[fine].tolist() == list(pattern.fine_distances)
+        want_coarse = [d for d in range(1, 40) if d not in pattern.fine_distances] if pattern.has_summaries else []
+        assert distance[coarse].tolist() == want_coarse
+        assert pattern.horizon == max(pattern.fine_distances)
+    assert AttentionPattern().first_coarse_distance == 3 and AttentionPattern.full().horizon is None

@@ -10,14 +10,20 @@ This module owns the attention *computation* of one layer (SPEC.md section 2):
 
 Summary and regular tokens share the Q/K/V/out weights; each stream has its own Q/K/V biases.
 
-The pieces are separate methods (``project_regular``, ``project_summary``, ``summary_keys_values``,
-``summarise``, ``aggregate``) so that a KV-cache decoder can call them step by step and store regular
-K/V and summary key2/value2 per layer.
+``FCAttention.forward`` is the only place the layer's attention is computed: for training, evaluation,
+prompt prefill and every decoding step. With a cache (``cache.LayerCache``) it also stores the new
+tokens' regular K/V and the new summaries' key2/value2, and reads the cached slots back (the
+model owns its cache, as in gpt-fast).
 
-*Which* query may read *which* key is not decided here: it comes from ``structure.py`` (the
-``may_attend`` predicate, turned into masks for a batch's ``BarLayout``). A **backend** turns a layout
-into whatever it needs once per forward (``prepare``) and computes masked attention (``attend``). The
-backend is chosen by one config string, ``attention_backend``; ``BACKENDS`` lists them:
+*Which* query may read *which* key is not decided here: it comes from ``structure.py`` (the rule
+``bar_relation`` and the predicate ``may_attend`` built on it). A **backend** computes the two steps:
+
+- ``prepare(layout: BarLayout, pattern) -> state``: once per forward, shared by all layers;
+- ``summarise(q_s, k_s, v_s, k_r, v_r, state, dropout_p) -> (B, H, S, Dh)``;
+- ``aggregate(q_r, k2, v2, k_r, v_r, state, dropout_p) -> (B, H, T, Dh)`` (k2/v2 may have S = 0);
+
+with q/k/v ``(B, H, L, Dh)``; FCAttention never concatenates summaries and tokens. The backend of a
+full forward is chosen by one config string, ``attention_backend``; ``BACKENDS`` lists them:
 
 - ``"dense"``: boolean masks from ``structure.dense_masks`` + ``F.scaled_dot_product_attention``. Exact,
   runs anywhere (CPU training and inference), memory O(T^2) per song: the reference.
@@ -27,12 +33,17 @@ backend is chosen by one config string, ``attention_backend``; ``BACKENDS`` list
 - ``"auto"``: ``"flex"`` on CUDA, and on CPU for gradient-free forwards of long songs (where the
   compiled flex forward is exact and faster); ``"dense"`` otherwise.
 
+A cached step (a few new tokens per song over the cache's slots) uses ``CachedStepBackend``, the same
+interface with mask rows from ``may_attend`` on the slots' tags (``cached_step_masks``); filling an
+empty cache (a prompt) runs the model's own backend.
+
 Notation: B batch, T regular tokens, S summary slots, K = S + T keys, D model width, H heads,
-Dh = D / H.
+Dh = D / H; in a cached step Tq / Sq new tokens / summaries, N / Ns regular / summary slots.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -41,7 +52,50 @@ import torch.nn.functional as F
 from torch import nn
 
 from museformer.fc_blocks import FlexBackend
-from museformer.structure import AttentionPattern, BarLayout, dense_masks
+from museformer.structure import AttentionPattern, BarLayout, dense_masks, may_attend
+
+
+# =============================================================================================
+# Inference-time weight layout (a CPU trick that lives with the weights it speeds up)
+# =============================================================================================
+def transposed_weight(owner: nn.Module, *weights: torch.Tensor) -> torch.Tensor:
+    """The ``(out, in)`` weights concatenated along ``out`` and stored transposed ``(in, sum out)``,
+    cached on ``owner`` until any of them changes (their storage or version counter).
+
+    A decoding step multiplies a few rows by every weight matrix and is bound by reading them; on
+    CPU ``addmm`` reads this layout faster than ``F.linear`` reads ``(out, in)`` (about 12 % here,
+    docs/benchmarks.md), and one fused Q/K/V product reads the input once. Used only without
+    autograd (the cached copy is a constant).
+    """
+    key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+    cached = owner.__dict__.get("_transposed_cache")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, torch.cat([w.detach() for w in weights]).t().contiguous())
+        owner.__dict__["_transposed_cache"] = cached
+    return cached[1]
+
+
+def _use_transposed(x: torch.Tensor) -> bool:
+    return not torch.is_grad_enabled() and x.device.type == "cpu"
+
+
+def rows_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight_t + bias`` for ``x (..., in)`` and a ``transposed_weight`` ``(in, out)``."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
+    return y.view(*x.shape[:-1], weight_t.shape[1])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) that, without autograd on CPU, multiplies by a
+    cached transposed copy of its weight (``transposed_weight``). Hooks and subclasses see an
+    ordinary module call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_transposed(x):
+            return rows_linear(x, transposed_weight(self, self.weight), self.bias)
+        return super().forward(x)
 
 
 # =============================================================================================
@@ -84,14 +138,33 @@ class DenseBackend:
         summary_mask, regular_mask = dense_masks(layout, pattern)  # (B, S, K), (B, T, K)
         return DenseMasks(DenseStepMask.from_mask(summary_mask), DenseStepMask.from_mask(regular_mask))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DenseStepMask,
-               dropout_p: float) -> torch.Tensor:
-        """Masked softmax attention, one softmax per query row over the keys it may read.
-
-        Shapes: q ``(B, H, Q, Dh)``, k/v ``(B, H, K, Dh)``, mask ``(B, 1, Q, K)`` -> ``(B, H, Q, Dh)``.
-        """
+    @staticmethod
+    def _attend(q, k, v, mask: DenseStepMask, dropout_p: float) -> torch.Tensor:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed, dropout_p=dropout_p)
         return out.masked_fill(mask.empty, 0.0)
+
+    def summarise(self, q_s, k_s, v_s, k_r, v_r, state: DenseMasks, dropout_p: float) -> torch.Tensor:
+        """Summary queries over themselves + their bar's regular tokens (the dense mask's keys are
+        ``[summaries, tokens]``, so this backend concatenates them for SDPA).
+
+        Shapes: q_s/k_s/v_s ``(B, H, S, Dh)``, k_r/v_r ``(B, H, T, Dh)`` -> ``(B, H, S, Dh)``.
+        """
+        return self._attend(q_s, torch.cat([k_s, k_r], 2), torch.cat([v_s, v_r], 2), state.summary, dropout_p)
+
+    def aggregate(self, q_r, k2, v2, k_r, v_r, state: DenseMasks, dropout_p: float) -> torch.Tensor:
+        """Regular queries over fine-bar tokens, BOS and coarse summaries, one softmax per query.
+
+        Shapes: q_r/k_r/v_r ``(B, H, T, Dh)``, k2/v2 ``(B, H, S, Dh)`` (S may be 0) -> ``(B, H, T, Dh)``.
+        """
+        return self._attend(q_r, torch.cat([k2, k_r], 2), torch.cat([v2, v_r], 2), state.regular, dropout_p)
+
+
+@dataclass(frozen=True)
+class AutoState:
+    """What ``AutoBackend.prepare`` chose for a batch: the backend and its state."""
+
+    backend: object
+    state: object
 
 
 class AutoBackend:
@@ -113,15 +186,19 @@ class AutoBackend:
             return not (grad and self.attention_dropout > 0)
         return not grad and tokens >= self.cpu_flex_min_tokens
 
-    def prepare(self, layout: BarLayout, pattern: AttentionPattern):
-        """The masks of whichever backend ``use_flex`` picks for this batch."""
+    def prepare(self, layout: BarLayout, pattern: AttentionPattern) -> AutoState:
+        """The state of whichever backend ``use_flex`` picks for this batch."""
         flex = self.use_flex(layout.token_kind.is_cuda, torch.is_grad_enabled(), layout.token_kind.shape[-1])
-        return (self.flex if flex else self.dense).prepare(layout, pattern)
+        backend = self.flex if flex else self.dense
+        return AutoState(backend, backend.prepare(layout, pattern))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float) -> torch.Tensor:
-        """Whichever backend prepared ``mask`` computes the step."""
-        backend = self.dense if isinstance(mask, DenseStepMask) else self.flex
-        return backend.attend(q, k, v, mask, dropout_p)
+    def summarise(self, q_s, k_s, v_s, k_r, v_r, state: AutoState, dropout_p: float) -> torch.Tensor:
+        """The chosen backend's summarisation step."""
+        return state.backend.summarise(q_s, k_s, v_s, k_r, v_r, state.state, dropout_p)
+
+    def aggregate(self, q_r, k2, v2, k_r, v_r, state: AutoState, dropout_p: float) -> torch.Tensor:
+        """The chosen backend's aggregation step."""
+        return state.backend.aggregate(q_r, k2, v2, k_r, v_r, state.state, dropout_p)
 
 
 BACKENDS = {"dense": DenseBackend, "flex": FlexBackend, "auto": AutoBackend}
@@ -135,6 +212,134 @@ def get_backend(name: str, attention_dropout: float = 0.0):
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(BACKENDS)}")
     return AutoBackend(attention_dropout) if name == "auto" else BACKENDS[name]()
+
+
+# =============================================================================================
+# Cached steps: a few new queries per song over the cache's slots
+# =============================================================================================
+@dataclass(frozen=True)
+class CachedStepMasks:
+    """The mask rows of a cached forward, from ``structure.may_attend`` on the slots' tags.
+
+    Additive float masks (0 = may attend, -inf = may not), so a step adds them to its scores; rows
+    that may read nothing read everything instead and their output is zeroed (``*_empty``, None
+    when there are none), as in ``DenseStepMask``. ``regular_to_regular`` is a view of
+    ``regular_row`` ``(B, 1, Tq, C)``, as wide as the cache, so that ``extended`` can add a slot.
+    """
+
+    regular_to_summary: torch.Tensor  # (B, 1, Tq, Ns)
+    regular_to_regular: torch.Tensor  # (B, 1, Tq, N)
+    regular_empty: torch.Tensor | None  # (B, 1, Tq, 1)
+    summary_to_summary: torch.Tensor | None  # (B, 1, Sq, Sq): the new summaries among themselves
+    summary_to_regular: torch.Tensor | None  # (B, 1, Sq, N)
+    summary_empty: torch.Tensor | None  # (B, 1, Sq, 1)
+    regular_row: torch.Tensor | None = None  # (B, 1, Tq, C)
+    summary_songs: torch.Tensor | None = None  # (R,) the songs the Sq summary rows belong to
+
+    def extended(self, new_slots: torch.Tensor, n: int) -> CachedStepMasks:
+        """The rows of the next token of the same bar (one query per song, no new summary).
+
+        ``may_attend`` gives it the previous token's row plus its own new slot: every earlier slot
+        has the same bar relation (same bar) and an earlier position, and summaries are read only
+        strictly after their ``b-1``, which would have started a new bar. So the predicate need not
+        run again inside a bar (the cache decides when this holds; the tests compare the logits).
+
+        Args:
+            new_slots: ``(B,)`` flat indices ``b * C + slot`` of each song's new slot.
+            n: slots in use after this step.
+        """
+        self.regular_row.view(-1).index_fill_(0, new_slots, 0.0)
+        return dataclasses.replace(self, regular_to_regular=self.regular_row[..., :n])
+
+
+def _bias(*allowed: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Additive masks from bool masks ``(B, Q, K_i)`` that together form each query's row."""
+    empty = ~torch.stack([a.any(dim=-1) for a in allowed]).any(dim=0)[..., None]  # (B, Q, 1)
+    has_empty = bool(empty.any())
+    biases = []
+    for a in allowed:
+        if has_empty:
+            a = a | empty
+        biases.append(torch.zeros(a.shape, dtype=torch.float32, device=a.device).masked_fill_(~a, float("-inf"))[:, None])
+    return biases, (empty[:, None] if has_empty else None)
+
+
+def cached_step_masks(query, summary_query, slots, summary_slots, pattern: AttentionPattern,
+                      capacity: int = 0, summary_songs: torch.Tensor | None = None) -> CachedStepMasks:
+    """The mask rows of one cached forward, all from ``may_attend``.
+
+    Args:
+        query: ``(kind, bar, pos)`` of the new regular tokens, each ``(B, Tq)``.
+        summary_query: the same for the new summaries ``(B, Sq)`` (None when no bar closes).
+        slots, summary_slots: the cache's regular / summary slot tags, each ``(B, N)`` / ``(B, Ns)``.
+        capacity: C, the cache's regular capacity (the width of ``regular_row``; 0 = N).
+        summary_songs: ``(R,)`` the songs of the summary rows (``summary_query`` is ``(R, Sq)``).
+    """
+    def rows(q, k):  # (B, Q) x (B, K) -> (B, Q, K)
+        return may_attend(*(x[..., None] for x in q), *(x[:, None, :] for x in k), pattern)
+
+    (to_summary, to_regular), empty = _bias(rows(query, summary_slots), rows(query, slots))
+    n = to_regular.shape[-1]
+    row = torch.full((*to_regular.shape[:-1], max(capacity, n)), float("-inf"), device=to_regular.device)
+    row[..., :n] = to_regular
+    if summary_query is None:
+        return CachedStepMasks(to_summary, row[..., :n], empty, None, None, None, row)
+    song_slots = slots if summary_songs is None else tuple(x.index_select(0, summary_songs) for x in slots)
+    (s_to_s, s_to_r), s_empty = _bias(rows(summary_query, summary_query), rows(summary_query, song_slots))
+    return CachedStepMasks(to_summary, row[..., :n], empty, s_to_s, s_to_r, s_empty, row, summary_songs)
+
+
+def _two_part_attend(q, k_a, v_a, bias_a, k_b, v_b, bias_b, empty) -> torch.Tensor:
+    """One softmax over two key sets without concatenating them (they are cache buffers).
+
+    The cache's buffers are sliced views ``(B, H, N, Dh)`` of ``(B, H, C, Dh)``: (B, H) merge into
+    one batch axis without a copy, so ``bmm`` reads them in place (``torch.matmul`` on the 4-d
+    views copied the whole slice every call: 10x slower at batch 64).
+
+    Shapes: q ``(B, H, Q, Dh)``, k/v ``(B, H, A|N, Dh)``, bias ``(B, 1, Q, A|N)`` -> ``(B, H, Q, Dh)``.
+    """
+    B, H, Q, Dh = q.shape
+    width = k_a.shape[2]
+
+    def flat(x):  # (B, H, L, E) -> (B * H, L, E), a view for the cache's slices
+        return x.reshape(B * H, x.shape[2], x.shape[3])
+
+    q = flat(q * Dh**-0.5)
+    scores_b = torch.bmm(q, flat(k_b).transpose(1, 2)).view(B, H, Q, -1).add_(bias_b)  # (B, H, Q, N)
+    if width:
+        scores_a = torch.bmm(q, flat(k_a).transpose(1, 2)).view(B, H, Q, -1).add_(bias_a)  # (B, H, Q, A)
+        weights = torch.softmax(torch.cat([scores_a, scores_b], dim=-1), dim=-1)  # (B, H, Q, A + N)
+        w_a, w_b = weights[..., :width], weights[..., width:]
+        out = torch.baddbmm(torch.bmm(flat(w_a), flat(v_a)), flat(w_b), flat(v_b))
+    else:
+        out = torch.bmm(flat(torch.softmax(scores_b, dim=-1)), flat(v_b))
+    out = out.view(B, H, Q, Dh)
+    return out if empty is None else out.masked_fill(empty, 0.0)
+
+
+class CachedStepBackend:
+    """The attention steps of a cached forward: new queries over the cache's slots, masked by
+    ``CachedStepMasks``. No concatenation of cache buffers: one softmax over two score blocks.
+    Same ``summarise`` / ``aggregate`` interface as the backends above (no dropout: decoding is
+    in eval mode)."""
+
+    name = "cached"
+
+    def summarise(self, q_s, k_s, v_s, k_r, v_r, state: CachedStepMasks, dropout_p: float = 0.0) -> torch.Tensor:
+        """New summaries over themselves + the cached regular slots of their bar (only the songs
+        that close a bar: ``state.summary_songs``)."""
+        if state.summary_songs is not None:
+            k_r, v_r = k_r.index_select(0, state.summary_songs), v_r.index_select(0, state.summary_songs)
+        return _two_part_attend(q_s, k_s, v_s, state.summary_to_summary, k_r, v_r, state.summary_to_regular,
+                                state.summary_empty)
+
+    def aggregate(self, q_r, k2, v2, k_r, v_r, state: CachedStepMasks, dropout_p: float = 0.0) -> torch.Tensor:
+        """New regular tokens over the cached summary slots (key2/value2) and regular slots."""
+        return _two_part_attend(q_r, k2, v2, state.regular_to_summary, k_r, v_r, state.regular_to_regular,
+                                state.regular_empty)
+
+
+CACHED_STEP = CachedStepBackend()
 
 
 # =============================================================================================
@@ -164,13 +369,13 @@ class FCAttention(nn.Module):
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
-        self.out_proj = nn.Linear(d_model, d_model)  # one bias, shared by both streams
+        self.out_proj = Linear(d_model, d_model)  # one bias, shared by both streams
         self.regular_bias = nn.Parameter(torch.zeros(3, d_model))  # q, k, v biases of regular tokens
         if has_summaries:
             self.summary_bias = nn.Parameter(torch.zeros(3, d_model))  # q, k, v biases of summaries
             # what later bars read of a bar: its summarisation output, projected (no bias, as released)
-            self.key2 = nn.Linear(d_model, d_model, bias=False)
-            self.value2 = nn.Linear(d_model, d_model, bias=False)
+            self.key2 = Linear(d_model, d_model, bias=False)
+            self.value2 = Linear(d_model, d_model, bias=False)
 
     # -- projections (what a KV cache stores) ----------------------------------------------------
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,6 +387,11 @@ class FCAttention(nn.Module):
         return x.transpose(1, 2).reshape(B, L, self.d_model)  # (B, H, L, Dh) -> (B, L, D)
 
     def _project(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if _use_transposed(x):  # one fused Q/K/V product over a cached transposed weight
+            B, L, _ = x.shape
+            w = transposed_weight(self, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)  # (D, 3D)
+            qkv = rows_linear(x, w, bias.reshape(-1)).view(B, L, 3, self.n_heads, self.d_head)
+            return tuple(t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, L, Dh)
         q = self._heads(F.linear(x, self.q_proj.weight, bias[0]))  # (B, L, D) -> (B, H, L, Dh)
         k = self._heads(F.linear(x, self.k_proj.weight, bias[1]))
         v = self._heads(F.linear(x, self.v_proj.weight, bias[2]))
@@ -202,51 +412,45 @@ class FCAttention(nn.Module):
         """
         return self._heads(self.key2(h)), self._heads(self.value2(h))
 
-    # -- the two attention steps ---------------------------------------------------------------
-    def summarise(self, q_s, k_s, v_s, k_r, v_r, mask) -> torch.Tensor:
-        """Step 1: summaries read themselves + their bar's regular tokens.
-
-        Shapes: q_s/k_s/v_s ``(B, H, S, Dh)``, k_r/v_r ``(B, H, T, Dh)``, mask as the backend's
-        summary mask -> h ``(B, S, D)`` (heads merged, before out_proj).
-        """
-        k = torch.cat([k_s, k_r], dim=2)  # (B, H, K, Dh), keys ordered [summaries, tokens]
-        v = torch.cat([v_s, v_r], dim=2)  # (B, H, K, Dh)
-        return self._merge(self.backend.attend(q_s, k, v, mask, self._dropout_p()))
-
-    def aggregate(self, q_r, k2, v2, k_r, v_r, mask) -> torch.Tensor:
-        """Step 2: regular tokens read fine-bar tokens, BOS and coarse-bar summaries in ONE softmax.
-
-        Shapes: q_r/k_r/v_r ``(B, H, T, Dh)``, k2/v2 ``(B, H, S, Dh)``, mask as the backend's
-        regular mask -> ``(B, T, D)`` (heads merged, before out_proj).
-        """
-        k = torch.cat([k2, k_r], dim=2)  # (B, H, K, Dh)
-        v = torch.cat([v2, v_r], dim=2)  # (B, H, K, Dh)
-        return self._merge(self.backend.attend(q_r, k, v, mask, self._dropout_p()))
-
+    # -- both steps -----------------------------------------------------------------------------
     def _dropout_p(self) -> float:
         return self.attention_dropout if self.training else 0.0
 
-    def forward(self, x: torch.Tensor, s: torch.Tensor | None, masks) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Both steps for a whole batch.
+    def forward(self, x: torch.Tensor, s: torch.Tensor | None, state, cache=None,
+                backend=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Summarisation then aggregation, for a whole batch or a cached step.
 
         Args:
-            x: normalised regular stream ``(B, T, D)``.
-            s: normalised summary stream ``(B, S, D)``, or None when the pattern has no summaries.
-            masks: what the backend's ``prepare`` returned for this batch.
+            x: normalised regular stream ``(B, T, D)`` (with a cache: this forward's new tokens).
+            s: normalised summary stream ``(B, S, D)``, or None (no summaries in this forward).
+            state: what the backend prepared for this forward (shared by all layers).
+            cache: this layer's ``cache.LayerCache`` or None. It stores the new tokens' K/V and
+                the new summaries' key2/value2 and returns what the steps read: the forward's own
+                K/V when it fills an empty cache, the cache's slots in a cached step.
+            backend: the backend computing the steps (default: the model's; a cached step passes
+                ``CACHED_STEP``).
 
         Returns:
             ``(regular output (B, T, D), summary output (B, S, D) or None)``, both after out_proj.
         """
+        backend = self.backend if backend is None else backend
+        p = self._dropout_p()
         q_r, k_r, v_r = self.project_regular(x)  # 3 x (B, H, T, Dh)
-        if s is None or s.shape[1] == 0:
-            # no summary tokens (fine-only / full pattern, or no complete bar yet): no summary keys
-            empty = k_r[:, :, :0]  # (B, H, 0, Dh)
-            return self.out_proj(self.aggregate(q_r, empty, empty, k_r, v_r, masks.regular)), s
-        q_s, k_s, v_s = self.project_summary(s)  # 3 x (B, H, S, Dh)
-        h = self.summarise(q_s, k_s, v_s, k_r, v_r, masks.summary)  # (B, S, D)
-        k2, v2 = self.summary_keys_values(h)  # 2 x (B, H, S, Dh)
-        a = self.aggregate(q_r, k2, v2, k_r, v_r, masks.regular)  # (B, T, D)
-        return self.out_proj(a), self.out_proj(h)
+        if cache is not None:
+            k_r, v_r = cache.update_regular(k_r, v_r)  # (B, H, N, Dh): what the queries may read
+        h = None
+        if s is not None and s.shape[1]:
+            q_s, k_s, v_s = self.project_summary(s)  # 3 x (B, H, S, Dh)
+            h = self._merge(backend.summarise(q_s, k_s, v_s, k_r, v_r, state, p))  # (B, S, D)
+            k2, v2 = self.summary_keys_values(h)  # 2 x (B, H, S, Dh)
+            if cache is not None:
+                k2, v2 = cache.update_summary(k2, v2)
+        elif cache is not None:
+            k2, v2 = cache.summaries()  # (B, H, Ns, Dh), Ns may be 0
+        else:  # no summary tokens (fine-only / full pattern, or no complete bar yet)
+            k2 = v2 = q_r[:, :, :0]  # (B, H, 0, Dh)
+        a = self._merge(backend.aggregate(q_r, k2, v2, k_r, v_r, state, p))  # (B, T, D)
+        return self.out_proj(a), None if h is None else self.out_proj(h)
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from museformer.structure import AttentionPattern, BarLayout, SlotKind
+from museformer.structure import AttentionPattern, BarLayout, SlotKind, bar_relation
 
 DEFAULT_BLOCK_SIZE = 128
 
@@ -61,11 +61,6 @@ class FlexLayout:
     padded_length: int  # P
     summary_slots: int  # S_pad
     block_mask: BlockMask  # queries (P) x keys (S_pad + P)
-
-    @property
-    def num_query_blocks(self) -> int:
-        """P / block_size."""
-        return self.padded_length // self.block_size
 
 
 def _exclusive_cumsum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -164,7 +159,7 @@ def flex_layout(
     if summary_blocks or min_summary_blocks:
         summary_blocks = _bucket(max(summary_blocks, min_summary_blocks))
     summary_slots = summary_blocks * bs
-    mask_mod = _fc_mask_mod(slot_bar, summaries, summary_slots, pattern.fine_offsets)
+    mask_mod = _fc_mask_mod(slot_bar, summaries, summary_slots, pattern)
 
     # ---- what every query block reads ------------------------------------------------------------
     # A query block lies in one segment (its bar, 0 = BOS) at block `r` inside it; blocks past the
@@ -183,8 +178,9 @@ def flex_layout(
         ragged = (torch.gather(seg_len, 1, flat) % bs != 0).view_as(seg)
         return first, n, ragged
 
-    # Regular key ranges, one per candidate segment: own bar, the fine bars, BOS.
-    offsets = torch.tensor(pattern.fine_offsets, dtype=torch.long, device=device)
+    # Regular key ranges, one per candidate segment: own bar, the other fine bars, BOS. The fine
+    # distances are where structure.bar_relation says "fine" (0 = the own bar, handled apart).
+    offsets = torch.tensor([d for d in pattern.fine_distances if d > 0], dtype=torch.long, device=device)
     fine_seg = q_seg[..., None] - offsets  # (B, NQ, F)
     fine_ok = is_regular[..., None] & (fine_seg >= 1)
     bos_seg = torch.zeros_like(q_seg)[..., None]
@@ -257,33 +253,28 @@ def flex_layout(
     return FlexLayout(bs, slot, padded, summary_slots, block_mask)
 
 
-def _fc_mask_mod(slot_bar: torch.Tensor, summaries: int, summary_slots: int, fine_offsets: tuple[int, ...]):
-    """``structure.may_attend`` restated for regular queries in the bar-aligned layout.
+def _fc_mask_mod(slot_bar: torch.Tensor, summaries: int, summary_slots: int, pattern: AttentionPattern):
+    """``structure.may_attend`` for regular queries in the bar-aligned layout, on ``bar_relation``.
 
     Keys ``[0, summary_slots)`` are summary slots (slot j = bar j + 1; slots from ``summaries`` on
-    are padding), the rest regular slots. Within a
-    bar, slot order is token order, so "causal" compares slots. Only two int32 loads per query/key
-    (the generic predicate needs six), and no ``IntEnum`` constants: FlexAttention's tracing
-    mis-compiles ``tensor == SlotKind.X`` (torch 2.13; tests hold this equal to the predicate).
+    are padding), the rest regular slots. Within a bar, slot order is token order, so "causal"
+    compares slots. Only two int32 loads per query/key (the generic predicate needs six), and no
+    ``IntEnum`` constants: FlexAttention's tracing mis-compiles ``tensor == SlotKind.X`` (torch
+    2.13; tests hold this equal to the predicate).
     """
-
-    def is_fine(distance):
-        fine = distance < 0  # all False, same shape
-        for offset in fine_offsets:
-            fine = fine | (distance == offset)
-        return fine
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_bar = slot_bar[b, q_idx]
         is_summary = kv_idx < summary_slots
-        # coarse: the summary of an earlier bar that is not fine (earlier bars are all complete)
-        summary_distance = q_bar - (kv_idx + 1)
-        coarse = (kv_idx < summaries) & (q_bar >= 1) & (summary_distance > 0) & ~is_fine(summary_distance)
+        # coarse: the summary of a coarse bar (earlier bars are all complete)
+        _, coarse = bar_relation(q_bar - (kv_idx + 1), pattern)
+        coarse = (kv_idx < summaries) & (q_bar >= 1) & coarse
         key_slot = (kv_idx - summary_slots).clamp(min=0)
         k_bar = slot_bar[b, key_slot]
         distance = q_bar - k_bar
-        own_bar = (distance == 0) & (key_slot <= q_idx)
-        reads = (k_bar == 0) | own_bar | ((k_bar >= 1) & is_fine(distance))  # BOS, own bar, fine bars
+        fine, _ = bar_relation(distance, pattern)
+        causal = (distance != 0) | (key_slot <= q_idx)
+        reads = (k_bar == 0) | ((k_bar >= 1) & fine & causal)  # BOS, own bar (causal), fine bars
         regular = ~is_summary & (q_bar >= 0) & (k_bar >= 0) & reads
         return coarse | regular
 
@@ -425,32 +416,18 @@ def summarise(
 # The backend object attention.py dispatches to (same interface as its DenseBackend)
 # =============================================================================================
 @dataclass(frozen=True)
-class FlexSummaryStep:
-    """What the summarisation step needs: the bars themselves."""
-
-    layout: BarLayout
-
-
-@dataclass(frozen=True)
-class FlexRegularStep:
-    """What the aggregation step needs: the block layout (None for the plain causal 'full' pattern)."""
+class FlexState:
+    """The flex backend's per-batch data, shared by every layer: the bars themselves (for the
+    summarisation) and the block layout (None for the plain causal 'full' pattern)."""
 
     layout: BarLayout
     blocks: FlexLayout | None
 
 
-@dataclass(frozen=True)
-class FlexMasks:
-    """The flex backend's per-batch data, shared by every layer."""
-
-    summary: FlexSummaryStep
-    regular: FlexRegularStep
-
-
 class FlexBackend:
     """Fast backend: block-sparse FlexAttention (aggregation) + segment softmax (summarisation).
 
-    Exact (same masks as ``"dense"``). No attention dropout: ``attend`` refuses ``dropout_p > 0``.
+    Exact (same masks as ``"dense"``). No attention dropout: the steps refuse ``dropout_p > 0``.
     FlexAttention has no CPU backward; on CPU use it for inference only.
     """
 
@@ -459,30 +436,31 @@ class FlexBackend:
     def __init__(self, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         self.block_size = block_size
 
-    def prepare(self, layout: BarLayout, pattern: AttentionPattern) -> FlexMasks:
+    def prepare(self, layout: BarLayout, pattern: AttentionPattern) -> FlexState:
         """The block layout of the batch, built once per forward from the bar boundaries."""
         blocks = flex_layout(layout, pattern, self.block_size) if pattern.kind == "fc" else None
-        return FlexMasks(FlexSummaryStep(layout), FlexRegularStep(layout, blocks))
+        return FlexState(layout, blocks)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float) -> torch.Tensor:
-        """Attention of one step; k/v are ``[summaries, tokens]`` as for the dense backend.
-
-        Shapes: q ``(B, H, Q, Dh)``, k/v ``(B, H, S + T, Dh)`` -> ``(B, H, Q, Dh)``; rows of PAD
-        queries are zeros.
-        """
+    @staticmethod
+    def _no_dropout(dropout_p: float) -> None:
         if dropout_p > 0:
             raise ValueError(
                 "the 'flex' attention backend has no attention dropout; train with attention_dropout=0 "
                 "or with attention_backend='dense'"
             )
-        if isinstance(mask, FlexSummaryStep):
-            summaries = q.shape[2]
-            return summarise(q, k[:, :, :summaries], v[:, :, :summaries], k[:, :, summaries:], v[:, :, summaries:], mask.layout)
-        summaries = k.shape[2] - q.shape[2]
-        if mask.blocks is None:  # the 'full' pattern: plain causal attention (no summaries)
-            out = F.scaled_dot_product_attention(q, k[:, :, summaries:], v[:, :, summaries:], is_causal=True)
-            is_pad = (mask.layout.token_kind == SlotKind.PAD)[:, None, :, None]
+
+    def summarise(self, q_s, k_s, v_s, k_r, v_r, state: FlexState, dropout_p: float) -> torch.Tensor:
+        """Segment softmax per bar. Shapes: q_s/k_s/v_s ``(B, H, S, Dh)``, k_r/v_r ``(B, H, T, Dh)``
+        -> ``(B, H, S, Dh)``; rows of PAD summary slots are zeros."""
+        self._no_dropout(dropout_p)
+        return summarise(q_s, k_s, v_s, k_r, v_r, state.layout)
+
+    def aggregate(self, q_r, k2, v2, k_r, v_r, state: FlexState, dropout_p: float) -> torch.Tensor:
+        """Block-sparse flex attention. Shapes: q_r/k_r/v_r ``(B, H, T, Dh)``, k2/v2 ``(B, H, S, Dh)``
+        -> ``(B, H, T, Dh)``; rows of PAD queries are zeros."""
+        self._no_dropout(dropout_p)
+        if state.blocks is None:  # the 'full' pattern: plain causal attention (no summaries)
+            out = F.scaled_dot_product_attention(q_r, k_r, v_r, is_causal=True)
+            is_pad = (state.layout.token_kind == SlotKind.PAD)[:, None, :, None]
             return out.masked_fill(is_pad, 0.0)
-        return aggregate(
-            q, k[:, :, summaries:], v[:, :, summaries:], k[:, :, :summaries], v[:, :, :summaries], mask.blocks
-        )
+        return aggregate(q_r, k_r, v_r, k2, v2, state.blocks)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from museformer.attention import BACKENDS, FCAttention, get_backend
+from museformer.attention import BACKENDS, CACHED_STEP, FCAttention, Linear, cached_step_masks, get_backend
 from museformer.structure import AttentionPattern, bar_layout
 from museformer.structure import bar_ids as compute_bar_ids
 from museformer.structure import onset_ids as compute_onset_ids
@@ -173,19 +173,47 @@ class Embeddings(nn.Module):
         c = config
         self.d_model, self.bar_dim, self.onset_dim = c.d_model, c.bar_embedding_dim, c.onset_embedding_dim
         self.token = nn.Embedding(c.vocab_size, c.d_model, padding_idx=PAD_ID)
-        self.regular_proj = nn.Linear(c.d_model + c.bar_embedding_dim + c.onset_embedding_dim, c.d_model)
+        self.regular_proj = Linear(c.d_model + c.bar_embedding_dim + c.onset_embedding_dim, c.d_model)
         if c.pattern.has_summaries:
             self.summary = nn.Embedding(c.pattern.summary_tokens, c.d_model)
             self.summary_proj = nn.Linear(c.d_model + c.bar_embedding_dim, c.d_model)
         self.dropout = nn.Dropout(c.dropout)
 
     def regular(self, ids: torch.Tensor, bars: torch.Tensor, onsets: torch.Tensor) -> torch.Tensor:
-        """Shapes: ids, bars, onsets ``(B, T)`` -> ``(B, T, D)``."""
+        """Shapes: ids, bars, onsets ``(B, T)`` -> ``(B, T, D)``.
+
+        A decoding step (no autograd, few tokens) reads the same sum from tables instead (see
+        ``_tables``); a hook on ``regular_proj`` does not see those calls.
+        """
+        if not torch.is_grad_enabled() and not self.training and ids.numel() <= 256:
+            token_rows, bar_rows, onset_rows = self._tables(int(bars.max()), int(onsets.max()))
+            return token_rows[ids] + bar_rows[bars] + onset_rows[onsets]  # (B, T, D)
         x = torch.cat(
             [self.token(ids) * math.sqrt(self.d_model), sinusoid(bars, self.bar_dim), sinusoid(onsets, self.onset_dim)],
             dim=-1,
         )  # (B, T, D + bar_dim + onset_dim)
         return self.dropout(self.regular_proj(x))
+
+    def _tables(self, max_bar: int, max_onset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``regular_proj`` of the concatenation is a sum of three products, one per part: the token
+        part (with the bias) as a table over the vocabulary, the bar and onset parts as tables over
+        bar / onset ids (grown on demand). Sums are reordered only (equal within float rounding).
+        Cached until a weight changes."""
+        W, b = self.regular_proj.weight, self.regular_proj.bias
+        key = tuple((t.data_ptr(), t._version) for t in (self.token.weight, W, b))
+        cached = self.__dict__.get("_table_cache")
+        if cached is None or cached[0] != key or cached[2].shape[0] <= max_bar or cached[3].shape[0] <= max_onset:
+            D, bar_dim = self.d_model, self.bar_dim
+            n_bars = 1 << max(max_bar + 1, 64).bit_length()
+            n_onsets = 1 << max(max_onset + 1, 64).bit_length()
+            with torch.no_grad():
+                token_rows = F.linear(self.token.weight * math.sqrt(D), W[:, :D], b)  # (V, D)
+                index = torch.arange(max(n_bars, n_onsets), device=W.device)
+                bar_rows = F.linear(sinusoid(index[:n_bars], bar_dim).to(W.dtype), W[:, D : D + bar_dim])
+                onset_rows = F.linear(sinusoid(index[:n_onsets], self.onset_dim).to(W.dtype), W[:, D + bar_dim :])
+            cached = (key, token_rows, bar_rows, onset_rows)
+            self.__dict__["_table_cache"] = cached
+        return cached[1], cached[2], cached[3]
 
     def summaries(self, bars: torch.Tensor) -> torch.Tensor:
         """Shapes: bar index of each summary slot ``(B, S)`` (0 = padding) -> ``(B, S, D)``."""
@@ -202,8 +230,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(d_model, d_ff)
-        self.fc2 = nn.Linear(d_ff, d_model)
+        self.fc1 = Linear(d_model, d_ff)  # nn.Linear with a faster CPU inference layout
+        self.fc2 = Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -221,9 +249,15 @@ class Layer(nn.Module):
         self.ffn = FeedForward(c.d_model, c.d_ff)
         self.dropout = nn.Dropout(c.dropout)
 
-    def forward(self, x: torch.Tensor, s: torch.Tensor | None, masks) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Shapes: x ``(B, T, D)``, s ``(B, S, D)`` or None -> the same."""
-        a_x, a_s = self.attention(self.attention_norm(x), None if s is None else self.attention_norm(s), masks)
+    def forward(self, x: torch.Tensor, s: torch.Tensor | None, state, cache=None,
+                backend=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Shapes: x ``(B, T, D)``, s ``(B, S, D)`` or None -> the same.
+
+        ``state``/``backend``: the attention backend's per-forward state (and the backend of a
+        cached step); ``cache``: this layer's ``cache.LayerCache`` (see ``FCAttention.forward``).
+        """
+        a_x, a_s = self.attention(self.attention_norm(x), None if s is None else self.attention_norm(s), state,
+                                  cache, backend)
         x = x + self.dropout(a_x)
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         if s is not None:
@@ -258,7 +292,7 @@ class Museformer(nn.Module):
         self.embed = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config, self.backend) for _ in range(config.n_layers))
         self.final_norm = nn.LayerNorm(config.d_model)
-        self.output = nn.Linear(config.d_model, config.vocab_size, bias=False)  # not tied to the input embedding
+        self.output = Linear(config.d_model, config.vocab_size, bias=False)  # not tied to the input embedding
         self.init_weights()
 
     @torch.no_grad()
@@ -296,14 +330,22 @@ class Museformer(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def forward(self, input_ids: torch.Tensor, bar_ids: torch.Tensor | None = None,
-                onset_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Next-token logits for a right-padded batch of songs.
+                onset_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Next-token logits for a right-padded batch of songs, or for the next tokens of cached songs.
+
+        The one forward pass: training, evaluation, prompt prefill and every decoding step.
 
         Args:
             input_ids: ``(B, T)`` int64, BOS first, ``PAD_ID`` right padding; every song has its own
-                bar structure (found from its ``b-1`` tokens).
+                bar structure (found from its ``b-1`` tokens). With a ``cache``: the next ``T``
+                tokens of every song (a prompt when the cache is empty, then one token per step).
             bar_ids, onset_ids: ``(B, T)`` embedding indices, computed from ``input_ids`` when None
                 (pass them to save that work; they must equal what ``structure.py`` computes).
+                With a cache they come from its ``BarTracker`` and must be None.
+            cache: an ``FCCache`` (``cache.py``) for this batch. The forward appends the tokens'
+                regular K/V (and the key2/value2 of every bar they close) to it, and reads what the
+                pattern lets the new tokens see from it. An empty cache is filled by an ordinary
+                forward through the configured backend; later forwards are cached steps.
 
         Returns:
             logits ``(B, T, V)``; logits at padding positions are meaningless (and finite).
@@ -311,17 +353,35 @@ class Museformer(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
         pattern = self.config.pattern
-        layout = bar_layout(input_ids, self.vocab, pattern)  # slots of both streams
-        masks = self.backend.prepare(layout, pattern)  # built once, shared by every layer
-        if bar_ids is None:
-            bar_ids = compute_bar_ids(input_ids, self.vocab)  # (B, T)
-        if onset_ids is None:
-            onset_ids = compute_onset_ids(input_ids, self.vocab)  # (B, T)
+        backend = self.backend
+        if cache is None:
+            layout = bar_layout(input_ids, self.vocab, pattern)  # slots of both streams
+            state = backend.prepare(layout, pattern)  # built once, shared by every layer
+            summary_bar = layout.summary_bar  # (B, S)
+            if bar_ids is None:
+                bar_ids = compute_bar_ids(input_ids, self.vocab)  # (B, T)
+            if onset_ids is None:
+                onset_ids = compute_onset_ids(input_ids, self.vocab)  # (B, T)
+        else:
+            if bar_ids is not None or onset_ids is not None:
+                raise ValueError("with a cache, bar_ids and onset_ids come from the cache's tracker; pass None")
+            step = cache.begin(input_ids)  # tags and slots of the new tokens and summaries
+            bar_ids, onset_ids, summary_bar = step.bars, step.onsets, step.summary_bar
+            if step.layout is not None:  # an empty cache: an ordinary forward that also fills it
+                state = backend.prepare(step.layout, pattern)
+            else:  # a cached step: mask rows from the one predicate on the slots' tags
+                if step.same_bar:  # inside a bar: the previous rows plus the new slots
+                    state = cache.masks.extended(step.new_slots, step.slots[0].shape[1])
+                else:
+                    state = cached_step_masks(step.query, step.summary_query, step.slots, step.summary_slots,
+                                              pattern, cache.capacity, step.summary_songs)
+                cache.masks = state
+                backend = CACHED_STEP
 
         x = self.embed.regular(input_ids, bar_ids, onset_ids)  # (B, T, D)
-        s = self.embed.summaries(layout.summary_bar) if pattern.has_summaries else None  # (B, S, D)
-        for layer in self.layers:
-            x, s = layer(x, s, masks)
+        s = self.embed.summaries(summary_bar) if pattern.has_summaries and summary_bar.shape[1] else None  # (B, S, D)
+        for i, layer in enumerate(self.layers):
+            x, s = layer(x, s, state, None if cache is None else cache.layer(i), backend)
         return self.output(self.final_norm(x))  # (B, T, V); the summary stream is dropped
 
 

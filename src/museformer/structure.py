@@ -7,8 +7,10 @@ This module owns everything that is derived from *where the bars are*:
 - ``onset_ids``: the "beat id" of every token (``o-k`` sets it to k+1, following note tokens inherit
   it, tempo / time-signature / bar / special tokens get 0, and it resets at every bar);
 - ``complete_bars``: how many bars are closed by a ``b-1`` (only those get a summary token);
-- the FC-attention pattern: ``AttentionPattern`` (the pattern as data), ``may_attend`` (the ONE
-  predicate "may this query attend to this key?"), ``bar_layout`` (the attention slots of a batch)
+- ``BarTracker``: the same bar and onset ids, computed chunk by chunk (what a decoder needs);
+- the FC-attention pattern: ``AttentionPattern`` (the pattern as data), ``bar_relation`` (the ONE
+  rule: which earlier bars a bar reads finely or coarsely), ``may_attend`` (the predicate "may this
+  slot attend to that one?", built on it), ``bar_layout`` (the attention slots of a batch)
   and ``dense_masks`` / ``attention_masks`` (the boolean masks of both attention steps);
 - ``toy_song`` and ``render_pattern``: a picture of the pattern for the docs and the CLI.
 
@@ -30,6 +32,10 @@ import torch
 
 from museformer.errors import MuseformerError
 from museformer.vocab import BOS_ID, PAD_ID, TokenKind, Vocab
+
+
+# token kinds that inherit the onset id of the last o-* of their bar
+_INHERITS_ONSET = (TokenKind.ONSET, TokenKind.INSTRUMENT, TokenKind.PITCH, TokenKind.DURATION, TokenKind.VELOCITY)
 
 
 def _as_tensor(ids) -> torch.Tensor:
@@ -84,13 +90,9 @@ def onset_ids(ids, vocab: Vocab) -> torch.Tensor:
     bar_start = torch.cat([torch.zeros_like(bar_start[..., :1]), bar_start[..., :-1]], dim=-1).clamp(min=0)
     has_onset = (last_onset >= bar_start) & (last_onset >= 0)
     onset = torch.gather(values, -1, last_onset.clamp(min=0)) + 1
-    inherits = (
-        (kinds == TokenKind.ONSET)
-        | (kinds == TokenKind.INSTRUMENT)
-        | (kinds == TokenKind.PITCH)
-        | (kinds == TokenKind.DURATION)
-        | (kinds == TokenKind.VELOCITY)
-    )
+    inherits = torch.zeros_like(kinds, dtype=torch.bool)
+    for kind in _INHERITS_ONSET:
+        inherits = inherits | (kinds == kind)
     return torch.where(has_onset & inherits, onset, torch.zeros_like(onset))
 
 
@@ -98,6 +100,87 @@ def complete_bars(ids, vocab: Vocab) -> torch.Tensor:
     """Number of bars closed by a ``b-1`` in each sequence. Shapes: ``(..., T)`` -> ``(...)``."""
     ids = _as_tensor(ids)
     return (ids == vocab.bar_id).sum(dim=-1)
+
+
+class BarTracker:
+    """``bar_ids`` and ``onset_ids`` computed incrementally, chunk by chunk, for a batch of songs.
+
+    The state per song is what the next chunk needs to know of everything before it: the tokens
+    read so far (the next position), the bars closed so far, and the onset id in force (0 after a
+    ``b-1`` or before the first ``o-*`` of a bar). ``advance`` reads the next chunk of every song
+    (right-padded with ``PAD_ID``; a chunk may be a whole prompt or one token) with vectorised ops
+    only, so concatenating the chunks gives exactly ``bar_ids`` / ``onset_ids`` of the whole songs
+    (tested). Padding gets bar 0 and onset 0 and moves no state.
+
+    Shapes: state tensors ``(B,)`` int64.
+    """
+
+    def __init__(self, vocab: Vocab, batch: int, device: torch.device | str = "cpu") -> None:
+        self.vocab = vocab
+        self.kinds = torch.as_tensor(np.asarray(vocab.kinds, dtype=np.int64), device=device)  # (V,)
+        self.values = torch.as_tensor(np.asarray(vocab.values, dtype=np.int64), device=device)  # (V,)
+        inherits = torch.zeros_like(self.kinds, dtype=torch.bool)
+        for kind in _INHERITS_ONSET:
+            inherits |= self.kinds == kind
+        self.inherits = inherits  # (V,)
+        zeros = torch.zeros(batch, dtype=torch.long, device=device)
+        self.next_pos, self.closed, self.onset = zeros, zeros.clone(), zeros.clone()
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these songs (indices into the batch), in this order."""
+        self.next_pos, self.closed, self.onset = (x.index_select(0, rows) for x in (self.next_pos, self.closed, self.onset))
+
+    def advance(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Read the next chunk of every song; returns its ``(bars, onsets, positions)``.
+
+        Shapes: ids ``(B, Tq)`` -> three ``(B, Tq)`` int64 tensors (position = index in the song).
+        """
+        batch, length = ids.shape
+        if length == 1 and bool((self.next_pos > 0).all()):
+            return self._advance_one(ids[:, 0])
+        real = ids != PAD_ID
+        kind = self.kinds[ids]  # (B, Tq)
+        at = torch.arange(length, device=ids.device).expand(batch, length)  # (B, Tq)
+        positions = self.next_pos[:, None] + at
+        is_end = (kind == TokenKind.BAR) & real
+        ends_before = torch.cumsum(is_end.long(), dim=-1) - is_end.long()  # b-1 strictly before, in the chunk
+        bars = self.closed[:, None] + ends_before + 1
+        prefix = (positions == 0) & (ids == BOS_ID)
+        bars = torch.where(prefix | ~real, torch.zeros_like(bars), bars)
+        # the onset in force at each token: the last o-* of its bar in the chunk, else (no b-1
+        # before it in the chunk) the one carried in, else none
+        minus_one = torch.full_like(at, -1)
+        last_onset = torch.cummax(torch.where(kind == TokenKind.ONSET, at, minus_one), dim=-1).values
+        last_end = torch.cummax(torch.where(is_end, at, minus_one), dim=-1).values  # b-1 at or before
+        end_before = torch.cat([minus_one[:, :1], last_end[:, :-1]], dim=-1)  # b-1 strictly before
+        from_chunk = last_onset > end_before
+        onset_value = self.values[ids.gather(1, last_onset.clamp(min=0))] + 1
+        carried = torch.where(end_before < 0, self.onset[:, None], torch.zeros_like(bars))
+        in_force = torch.where(from_chunk, onset_value, carried)  # (B, Tq)
+        onsets = torch.where(self.inherits[ids] & real, in_force, torch.zeros_like(in_force))
+        # state after the chunk: what is in force after each song's last real token
+        count = real.sum(dim=1)  # (B,)
+        last = (count - 1).clamp(min=0)[:, None]
+        after = torch.where(is_end.gather(1, last), 0, in_force.gather(1, last))[:, 0]
+        self.onset = torch.where(count > 0, after, self.onset)
+        self.closed = self.closed + is_end.sum(dim=1)
+        self.next_pos = self.next_pos + count
+        return bars, onsets, positions
+
+    def _advance_one(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``advance`` for one token per song after the first (a decoding step): the same rules
+        in a third of the tensor ops. Shapes: token ``(B,)`` -> three ``(B, 1)``."""
+        real = token != PAD_ID
+        kind = self.kinds[token]  # (B,)
+        in_force = torch.where(kind == TokenKind.ONSET, self.values[token] + 1, self.onset)
+        onsets = torch.where(self.inherits[token] & real, in_force, 0)
+        bars = torch.where(real, self.closed + 1, 0)
+        positions = self.next_pos
+        is_end = (kind == TokenKind.BAR) & real
+        self.onset = torch.where(is_end, 0, torch.where(real, in_force, self.onset))
+        self.closed = self.closed + is_end.long()
+        self.next_pos = self.next_pos + real.long()
+        return bars[:, None], onsets[:, None], positions[:, None]
 
 
 # =============================================================================================
@@ -174,6 +257,11 @@ class AttentionPattern:
         return self.kind == "fc" and self.summary_tokens > 0
 
     @property
+    def fine_distances(self) -> tuple[int, ...]:
+        """Bar distances read token by token: 0 (the own bar, causal) and every fine offset."""
+        return (0, *self.fine_offsets) if self.kind == "fc" else ()
+
+    @property
     def first_coarse_distance(self) -> int | None:
         """The smallest bar distance that is coarse (3 for the paper's offsets); None without summaries.
 
@@ -181,10 +269,13 @@ class AttentionPattern:
         """
         if not self.has_summaries:
             return None
-        distance = 1
-        while distance in self.fine_offsets:
-            distance += 1
-        return distance
+        return next(d for d in range(1, len(self.fine_distances) + 1) if d not in self.fine_distances)
+
+    @property
+    def horizon(self) -> int | None:
+        """The farthest fine distance: a regular token of bar j is read only by bars j .. j + horizon,
+        so a cache may evict it once the current bar is past that (None for ``"full"``: never)."""
+        return max(self.fine_distances) if self.kind == "fc" else None
 
     def to_dict(self) -> dict:
         """JSON-native form (lists, ints, strings)."""
@@ -202,6 +293,29 @@ class AttentionPattern:
         return cls(**d)
 
 
+def bar_relation(distance, pattern: AttentionPattern) -> tuple[torch.Tensor, torch.Tensor]:
+    """THE rule of the FC pattern: how a regular query of bar b reads the bar b - ``distance``.
+
+    Returns ``(fine, coarse)`` bool tensors (elementwise over ``distance``, any shape):
+
+    - ``fine``: read token by token (distance 0, the own bar, or a fine offset);
+    - ``coarse``: read only through that bar's summary (any other earlier bar, when the pattern has
+      summaries); a bar that is neither is not read at all.
+
+    Everything else derives from it: ``may_attend`` (and so the dense masks and the decode-time mask
+    rows of the cache), the flex backend's ``mask_mod`` and block classification (which walk
+    ``pattern.fine_distances``, the distances where ``fine`` holds), and the cache's eviction
+    horizon (``pattern.horizon``). A chain of ``==`` (no ``torch.isin``) keeps it usable inside
+    FlexAttention's ``mask_mod``.
+    """
+    distance = torch.as_tensor(distance)
+    fine = distance == 0
+    for offset in pattern.fine_offsets:
+        fine = fine | (distance == offset)
+    coarse = (distance > 0) & ~fine if pattern.has_summaries else torch.zeros_like(fine)
+    return fine, coarse
+
+
 def may_attend(
     q_kind: torch.Tensor,
     q_bar: torch.Tensor,
@@ -217,25 +331,25 @@ def may_attend(
 
     - a **summary** of bar i attends to itself and to *all* regular tokens of bar i (no causal
       restriction: only later bars ever read the summary);
-    - a **regular** token of bar b at position p attends to
+    - a **regular** token of bar b at position p attends to (``bar_relation`` of the distance)
         * BOS,
         * regular tokens of its fine bars: its own bar up to p (causal) and bars b - o for every o in
           ``pattern.fine_offsets``,
-        * the summaries of every *other* earlier bar (coarse; every earlier bar is complete);
+        * the summaries of its coarse bars (every other earlier bar; every earlier bar is complete),
+          once they exist (a summary sits at its ``b-1``, so it is read strictly after it);
       with ``kind="full"`` it attends to BOS and every regular token up to p instead;
     - **BOS** attends only to itself; **padding** attends to nothing and is never attended to.
 
     Shapes: all arguments broadcast together (any shape, ints or int64 tensors) -> a bool tensor.
 
-    Decoding with a KV cache (what a step-by-step decoder stores, from the same rules):
-    regular K/V of every token are cached per layer as tokens arrive; they are never changed
-    afterwards (the pattern is causal for regular queries). When the ``b-1`` closing bar i arrives,
-    bar i is complete: its summary is computed through all layers once (in layer l its query reads
-    its own key plus layer l's cached regular K/V of bar i) and its key2/value2 are cached per layer.
-    It is first read by tokens of bar i + ``pattern.first_coarse_distance`` (3 with the default
-    offsets: bars i+1 and i+2 are fine and never read it). Regular K/V of bar j are read only by bars
-    j + offset, so after bar j + max(fine_offsets) they may be evicted. A new query's mask row is this
-    predicate evaluated for (REGULAR, its bar, its position) against the cached slots.
+    Decoding with a KV cache (``cache.FCCache``; the same rules): regular K/V of every token are
+    cached per layer as tokens arrive and never change (regular queries are causal). The forward
+    that reads the ``b-1`` closing bar i also computes bar i's summary through all layers (in layer
+    l it reads its own key plus layer l's cached regular K/V of bar i) and caches its key2/value2.
+    It is first read by bar i + ``pattern.first_coarse_distance`` (3 with the default offsets).
+    Regular K/V of bar j are read only by bars up to j + ``pattern.horizon``, then may be evicted.
+    A new query's mask row is this predicate evaluated for (REGULAR, its bar, its position) against
+    the cached slots' tags.
     """
     q_kind, q_bar, q_pos, k_kind, k_bar, k_pos = (
         torch.as_tensor(x) for x in (q_kind, q_bar, q_pos, k_kind, k_bar, k_pos)
@@ -246,15 +360,10 @@ def may_attend(
         regular = (q_kind == SlotKind.REGULAR) & (to_prefix | ((k_kind == SlotKind.REGULAR) & causal))
         return regular | ((q_kind == SlotKind.PREFIX) & to_prefix & (k_pos == q_pos))
 
-    distance = q_bar - k_bar
-    # a chain of == instead of torch.isin keeps this usable inside FlexAttention's mask_mod
-    fine = distance == 0
-    for offset in pattern.fine_offsets:
-        fine = fine | (distance == offset)
+    fine, coarse = bar_relation(q_bar - k_bar, pattern)
     reads = to_prefix | ((k_kind == SlotKind.REGULAR) & fine & causal)
     if pattern.has_summaries:
-        coarse = (k_kind == SlotKind.SUMMARY) & ~fine & (distance > 0) & (k_pos < q_pos)
-        reads = reads | coarse
+        reads = reads | ((k_kind == SlotKind.SUMMARY) & coarse & (k_pos < q_pos))
     regular = (q_kind == SlotKind.REGULAR) & reads
     summary = (
         (q_kind == SlotKind.SUMMARY)
