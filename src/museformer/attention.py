@@ -1,6 +1,6 @@
 """FC-attention: one layer's two-step attention over regular tokens and bar summaries.
 
-This module owns the attention *computation* of one layer (SPEC.md section 2):
+This module owns the attention *computation* of one layer (docs/spec.md section 2):
 
 1. **Summarisation.** Every summary token (one per complete bar) is a query over itself and all
    regular tokens of its bar. Its output ``h`` (heads concatenated, before the output projection) is

@@ -327,7 +327,7 @@ def may_attend(
 ) -> torch.Tensor:
     """May a query slot attend to a key slot? Elementwise over broadcast tensors; True = may attend.
 
-    The rules (SPEC.md section 2; BOS is a pure prefix):
+    The rules (docs/spec.md section 2; BOS is a pure prefix):
 
     - a **summary** of bar i attends to itself and to *all* regular tokens of bar i (no causal
       restriction: only later bars ever read the summary);
