@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from museformer.bar_chunks import BarChunkBackend
 from museformer.fc_blocks import FlexBackend
 from museformer.structure import AttentionPattern, BarLayout, dense_masks
 
@@ -124,7 +125,7 @@ class AutoBackend:
         return backend.attend(q, k, v, mask, dropout_p)
 
 
-BACKENDS = {"dense": DenseBackend, "flex": FlexBackend, "auto": AutoBackend}
+BACKENDS = {"dense": DenseBackend, "flex": FlexBackend, "chunks": BarChunkBackend, "auto": AutoBackend}
 
 
 def get_backend(name: str, attention_dropout: float = 0.0):
@@ -209,6 +210,8 @@ class FCAttention(nn.Module):
         Shapes: q_s/k_s/v_s ``(B, H, S, Dh)``, k_r/v_r ``(B, H, T, Dh)``, mask as the backend's
         summary mask -> h ``(B, S, D)`` (heads merged, before out_proj).
         """
+        if hasattr(self.backend, "summarise"):  # a backend with its own steps (bar_chunks.py)
+            return self._merge(self.backend.summarise(q_s, k_s, v_s, k_r, v_r, mask, self._dropout_p()))
         k = torch.cat([k_s, k_r], dim=2)  # (B, H, K, Dh), keys ordered [summaries, tokens]
         v = torch.cat([v_s, v_r], dim=2)  # (B, H, K, Dh)
         return self._merge(self.backend.attend(q_s, k, v, mask, self._dropout_p()))
@@ -219,6 +222,8 @@ class FCAttention(nn.Module):
         Shapes: q_r/k_r/v_r ``(B, H, T, Dh)``, k2/v2 ``(B, H, S, Dh)``, mask as the backend's
         regular mask -> ``(B, T, D)`` (heads merged, before out_proj).
         """
+        if hasattr(self.backend, "aggregate"):  # a backend with its own steps (bar_chunks.py)
+            return self._merge(self.backend.aggregate(q_r, k2, v2, k_r, v_r, mask, self._dropout_p()))
         k = torch.cat([k2, k_r], dim=2)  # (B, H, K, Dh)
         v = torch.cat([v2, v_r], dim=2)  # (B, H, K, Dh)
         return self._merge(self.backend.attend(q_r, k, v, mask, self._dropout_p()))

@@ -1,0 +1,307 @@
+"""Bar-chunked FC-attention: exact, differentiable, with attention dropout, on any device.
+
+This module owns the ``"chunks"`` attention backend. It computes exactly what the dense reference
+(``attention.DenseBackend``, masks of ``structure.may_attend``) computes, forward and backward, but
+only over the keys the pattern reads, with plain tensor ops (so autograd gives the backward on every
+device) and no ``T x T`` tensor anywhere:
+
+- **Aggregation.** The regular queries of one bar (a *chunk*) read the same key set: BOS, the whole
+  fine bars ``b - o`` (contiguous token ranges) and their own bar (causally), plus the coarse
+  summaries. The fine part runs chunk by chunk: the keys of every chunk are gathered into one padded
+  row (``[BOS, fine bars..., own bar]``), chunks of similar query and key length are stacked into a
+  *group*, and each group is one batched matmul -> masked softmax -> matmul. The small additive mask
+  of a group (key padding, the own bar's causal triangle) is built once per forward. The coarse part
+  (``key2``/``value2`` summaries) runs in token order against all summaries with a ``(T, S)`` mask.
+  The two parts are merged by their log-sum-exp, which is one softmax over the union of their keys.
+- **Summarisation.** A summary reads itself and its bar's tokens: a segment softmax over contiguous
+  bars, O(T x D).
+- **Attention dropout** is drawn only over the weights of the keys a query reads (O(T x keys per
+  query)), and scales the kept weights by 1 / (1 - p), as SDPA does on the dense weights: the same
+  distribution as the dense reference's dropout.
+
+Memory per layer is O(T x keys per query) (fine part) + O(T x S) (coarse part: the pattern reads
+every coarse summary).
+
+Notation: B batch, T regular tokens, S summary slots, H heads, Dh head width, C chunks (bars of the
+batch, plus one per BOS), G a group of chunks, Lq / Lk a group's padded query / key length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from museformer.structure import AttentionPattern, BarLayout, SlotKind
+
+# lengths are padded up to the next size of this ladder (about x1.25 steps), so chunks of similar
+# length share a group and waste little padding
+_LADDER = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+# a masked score: exp(_MASKED - anything the scores reach) is exactly 0 in float32 and bfloat16,
+# and unlike -inf it keeps rows without any key (no coarse summary yet) free of NaN
+_MASKED = -1e30
+
+
+def _padded(n: torch.Tensor) -> torch.Tensor:
+    """Round lengths up the ladder (then to multiples of 64 beyond it). Shapes: ``(N,)`` -> ``(N,)``."""
+    ladder = torch.tensor(_LADDER, device=n.device)
+    on_ladder = ladder[torch.searchsorted(ladder, n.clamp(max=_LADDER[-1]))]
+    return torch.where(n > _LADDER[-1], (n + 63) // 64 * 64, on_ladder)
+
+
+# =============================================================================================
+# The per-batch state: chunks and groups
+# =============================================================================================
+@dataclass(frozen=True)
+class ChunkGroup:
+    """Chunks of similar length, stacked: ``n`` chunks of ``query_len`` queries x ``key_len`` keys."""
+
+    query_rows: torch.Tensor  # (n * Lq,) flat token index (b * T + t) of every query row; B * T = none
+    key_rows: torch.Tensor  # (n * Lk,) flat token index of every key column; B * T = none (a zero key)
+    bias: torch.Tensor  # (n, 1, Lq, Lk) float: 0 where the query reads the key, _MASKED elsewhere
+    query_len: int  # Lq
+    key_len: int  # Lk
+
+
+@dataclass(frozen=True)
+class BarChunks:
+    """What both attention steps need for one batch, built once per forward (``prepare``).
+
+    ``summary`` and ``regular`` are this same object: ``FCAttention.forward`` hands
+    ``masks.summary`` / ``masks.regular`` to the two steps.
+    """
+
+    layout: BarLayout
+    pattern: AttentionPattern
+    groups: tuple[ChunkGroup, ...]  # the fine part of the aggregation (empty for the full pattern)
+    token_row: torch.Tensor | None  # (B * T,) row of each token in the groups' concatenated query rows
+    coarse: torch.Tensor | None  # (B, 1, T, S) bool: regular query t reads summary slot j (None: no S)
+    summary_segment: torch.Tensor | None  # (B * T,) flat summary slot (b * S + j) a token belongs to; B * S = none
+
+    @property
+    def summary(self) -> BarChunks:
+        return self
+
+    @property
+    def regular(self) -> BarChunks:
+        return self
+
+
+def build_chunks(layout: BarLayout, pattern: AttentionPattern) -> BarChunks:
+    """Chunks, groups and masks of a batch from its bar boundaries (vectorised; no Python loop over bars).
+
+    A chunk is one bar of one song (its regular tokens) or one song's BOS. Its keys are the segments
+    ``[BOS, bar b - o for each fine offset o (largest first), own bar]``; only the own bar is causal.
+    """
+    kind, bar = layout.token_kind, layout.token_bar  # (B, T)
+    batch, length = kind.shape
+    device = kind.device
+    summaries = layout.num_summaries
+    regular = kind == SlotKind.REGULAR
+
+    # summarisation: the summary slot of every token of a complete bar
+    summary_segment = None
+    if summaries:
+        slot = (bar - 1).clamp(0, summaries - 1)
+        closed = regular & (bar >= 1) & (bar <= summaries)
+        closed = closed & (layout.summary_kind.gather(1, slot) == SlotKind.SUMMARY)
+        base = torch.arange(batch, device=device)[:, None] * summaries
+        summary_segment = torch.where(closed, base + slot, batch * summaries).reshape(-1)
+
+    if pattern.kind == "full":
+        return BarChunks(layout, pattern, (), None, None, summary_segment)
+
+    # ---- bars of every song: start and length (bar 0 = the BOS chunk) ----------------------------
+    num_bars = int(bar[regular].max()) if bool(regular.any()) else 0
+    width = num_bars + 1
+    positions = torch.arange(length, device=device).expand(batch, length)
+    has_bos = kind[:, 0] == SlotKind.PREFIX  # (B,)
+    bar_of = torch.where(regular, bar, torch.zeros_like(bar))
+    flat = (torch.arange(batch, device=device)[:, None] * width + bar_of).reshape(-1)  # (B * T,)
+    counts = torch.zeros(batch * width, dtype=torch.long, device=device)
+    counts.index_add_(0, flat, regular.reshape(-1).long())
+    starts = torch.full((batch * width,), length, dtype=torch.long, device=device)
+    starts.scatter_reduce_(0, flat, torch.where(regular, positions, length).reshape(-1), "amin")
+    counts, starts = counts.view(batch, width), starts.view(batch, width)
+    counts[:, 0] = has_bos.long()  # the BOS chunk: one query, position 0
+    starts[:, 0] = 0
+
+    # ---- chunks and their key segments ---------------------------------------------------------
+    song, chunk_bar = (counts > 0).nonzero(as_tuple=True)  # (C,)
+    offsets = torch.tensor(sorted(pattern.fine_offsets, reverse=True), dtype=torch.long, device=device)
+    is_bos_chunk = chunk_bar == 0
+    fine_bar = chunk_bar[:, None] - offsets  # (C, F)
+    fine_ok = (fine_bar >= 1) & ~is_bos_chunk[:, None]
+    fine_bar = fine_bar.clamp(min=0)
+    bos_len = torch.where(is_bos_chunk, 1, has_bos[song].long())  # every regular query reads BOS
+    own_len = torch.where(is_bos_chunk, 0, counts[song, chunk_bar])
+    seg_len = torch.cat([bos_len[:, None], torch.where(fine_ok, counts[song[:, None], fine_bar], 0),
+                         own_len[:, None]], dim=1)  # (C, F + 2)
+    seg_start = torch.cat([torch.zeros_like(bos_len)[:, None], starts[song[:, None], fine_bar],
+                           starts[song, chunk_bar][:, None]], dim=1)  # (C, F + 2)
+    query_len, query_start = counts[song, chunk_bar], starts[song, chunk_bar]  # (C,)
+    key_len = seg_len.sum(1)  # (C,)
+
+    # ---- groups of chunks with the same padded lengths -------------------------------------------
+    lq, lk = _padded(query_len), _padded(key_len)
+    keys = torch.stack([lq, lk], 1)
+    group_keys, group_of = torch.unique(keys, dim=0, return_inverse=True)
+    groups, token_row, row_offset = [], torch.full((batch * length,), -1, dtype=torch.long, device=device), 0
+    for g, (glq, glk) in enumerate(group_keys.tolist()):
+        members = (group_of == g).nonzero(as_tuple=True)[0]  # (n,)
+        n = members.numel()
+        b, qs, ql = song[members], query_start[members], query_len[members]
+        sl, ss = seg_len[members], seg_start[members]  # (n, F + 2)
+        # query rows
+        i = torch.arange(glq, device=device)
+        q_ok = i < ql[:, None]  # (n, Lq)
+        q_flat = b[:, None] * length + qs[:, None] + i  # (n, Lq)
+        token_row[q_flat[q_ok]] = row_offset + torch.arange(n * glq, device=device).view(n, glq)[q_ok]
+        row_offset += n * glq
+        # key columns: column j lies in the segment whose [start, end) of the running sum holds it
+        j = torch.arange(glk, device=device)
+        ends = sl.cumsum(1)  # (n, F + 2)
+        seg = torch.searchsorted(ends, j.expand(n, glk).contiguous(), right=True).clamp(max=sl.shape[1] - 1)
+        within = j - (ends - sl).gather(1, seg)  # (n, Lk) index inside its segment
+        k_ok = j < key_len[members][:, None]
+        k_flat = b[:, None] * length + ss.gather(1, seg) + within
+        is_own = seg == sl.shape[1] - 1
+        # (n, Lq, Lk): the key exists, and inside the own bar it is not after the query
+        reads = k_ok[:, None, :] & (~is_own[:, None, :] | (within[:, None, :] <= i[None, :, None]))
+        reads = reads & q_ok[..., None]
+        reads[:, :, 0] |= ~q_ok  # padding query rows read column 0, so their softmax stays finite
+        bias = torch.zeros(reads.shape, dtype=torch.float32, device=device).masked_fill_(~reads, _MASKED)
+        groups.append(ChunkGroup(
+            torch.where(q_ok, q_flat, batch * length).reshape(-1),
+            torch.where(k_ok, k_flat, batch * length).reshape(-1),
+            bias[:, None], glq, glk,
+        ))
+    token_row = torch.where(token_row >= 0, token_row, row_offset)  # tokens of no chunk (PAD) -> a zero row
+
+    # ---- coarse: which summary slots each regular query reads -------------------------------------
+    coarse = None
+    if summaries and pattern.has_summaries:
+        j = torch.arange(1, summaries + 1, device=device)  # the bar each slot summarises
+        distance = bar[..., None] - j  # (B, T, S)
+        fine = distance == 0
+        for o in pattern.fine_offsets:
+            fine = fine | (distance == o)
+        is_summary = (layout.summary_kind == SlotKind.SUMMARY)[:, None, :]  # (B, 1, S)
+        coarse = (regular[..., None] & is_summary & (distance > 0) & ~fine)[:, None]  # (B, 1, T, S)
+    return BarChunks(layout, pattern, tuple(groups), token_row, coarse, summary_segment)
+
+
+# =============================================================================================
+# The two attention steps
+# =============================================================================================
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, L, Dh)`` -> ``(B * L + 1, H, Dh)`` token rows plus one zero row (index B * L)."""
+    batch, heads, length, dim = x.shape
+    rows = x.transpose(1, 2).reshape(batch * length, heads, dim)  # (B * L, H, Dh)
+    return torch.cat([rows, rows.new_zeros(1, heads, dim)])
+
+
+def _dropout(weights: torch.Tensor, p: float) -> torch.Tensor:
+    """Attention dropout on weights: keep each with probability 1 - p, scale kept ones by 1 / (1 - p)."""
+    return F.dropout(weights, p) if p > 0 else weights
+
+
+def aggregate(q: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              chunks: BarChunks, dropout_p: float = 0.0) -> torch.Tensor:
+    """Regular queries over fine-bar tokens, BOS and coarse summaries, one softmax.
+
+    Shapes: q/k/v ``(B, H, T, Dh)``, k2/v2 ``(B, H, S, Dh)`` (S may be 0) -> ``(B, H, T, Dh)``;
+    rows of PAD tokens are zeros.
+    """
+    batch, heads, length, dim = q.shape
+    scale = dim**-0.5
+    if chunks.pattern.kind == "full":
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return out.masked_fill((chunks.layout.token_kind == SlotKind.PAD)[:, None, :, None], 0.0)
+    q_rows, k_rows, v_rows = _rows(q), _rows(k), _rows(v)  # (B * T + 1, H, Dh)
+    outs, lses = [], []
+    for g in chunks.groups:
+        n = g.query_rows.numel() // g.query_len
+        qg = q_rows.index_select(0, g.query_rows).view(n, g.query_len, heads, dim).transpose(1, 2)  # (n, H, Lq, Dh)
+        kg = k_rows.index_select(0, g.key_rows).view(n, g.key_len, heads, dim).transpose(1, 2)  # (n, H, Lk, Dh)
+        vg = v_rows.index_select(0, g.key_rows).view(n, g.key_len, heads, dim).transpose(1, 2)
+        # scores in at least float32 (the float32 bias promotes them)
+        scores = torch.matmul(qg, kg.transpose(-1, -2)).mul_(scale) + g.bias  # (n, H, Lq, Lk)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (n, H, Lq, 1)
+        weights = _dropout(torch.exp(scores - lse).to(vg.dtype), dropout_p)
+        outs.append(torch.matmul(weights, vg).transpose(1, 2).reshape(n * g.query_len, heads, dim))
+        lses.append(lse.transpose(1, 2).reshape(n * g.query_len, heads, 1))
+    zero = outs[0].new_zeros(1, heads, dim)
+    fine_out = torch.cat(outs + [zero]).index_select(0, chunks.token_row)  # (B * T, H, Dh)
+    fine_out = fine_out.view(batch, length, heads, dim).transpose(1, 2)  # (B, H, T, Dh)
+    if chunks.coarse is None or k2.shape[2] == 0:
+        return fine_out
+    fine_lse = torch.cat(lses + [lses[0].new_zeros(1, heads, 1)]).index_select(0, chunks.token_row)  # (B * T, H, 1)
+    work = torch.promote_types(q.dtype, torch.float32)
+    fine_lse = fine_lse.view(batch, length, heads, 1).transpose(1, 2).to(work)  # (B, H, T, 1)
+    scores = torch.matmul(q, k2.transpose(-1, -2)).mul_(scale).masked_fill(~chunks.coarse, _MASKED)  # (B, H, T, S)
+    scores = scores.to(work)
+    coarse_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, H, T, 1)
+    # one softmax over both key sets: each part's weights are its own softmax times exp(lse_part - lse)
+    total = torch.logaddexp(fine_lse, coarse_lse)
+    coarse_weights = _dropout(torch.exp(scores - total).to(v2.dtype), dropout_p)
+    coarse_out = torch.matmul(coarse_weights, v2)  # (B, H, T, Dh)
+    fine_share = torch.exp(fine_lse - total).to(fine_out.dtype)
+    out = fine_out * fine_share + coarse_out
+    return out.masked_fill((chunks.layout.token_kind == SlotKind.PAD)[:, None, :, None], 0.0)
+
+
+def summarise(q_s: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              chunks: BarChunks, dropout_p: float = 0.0) -> torch.Tensor:
+    """Each summary reads itself and every regular token of its bar (a segment softmax, O(T x D)).
+
+    Computed in at least float32. Shapes: q_s/k_s/v_s ``(B, H, S, Dh)``, k/v ``(B, H, T, Dh)`` ->
+    ``(B, H, S, Dh)``; rows of PAD summary slots are zeros.
+    """
+    batch, heads, summaries, dim = q_s.shape
+    if summaries == 0:
+        return q_s.new_zeros(q_s.shape)
+    scale = dim**-0.5
+    dtype = q_s.dtype
+    work = torch.promote_types(dtype, torch.float32)
+    seg = chunks.summary_segment  # (B * T,) in [0, B * S]
+    sq, sk, sv = (_rows(x.to(work)) for x in (q_s, k_s, v_s))  # (B * S + 1, H, Dh)
+    tk, tv = (_rows(x.to(work))[:-1] for x in (k, v))  # (B * T, H, Dh)
+    token_scores = (sq.index_select(0, seg) * tk).sum(-1) * scale  # (B * T, H)
+    self_scores = (sq * sk).sum(-1) * scale  # (B * S + 1, H)
+    # the per-bar maximum only stabilises exp(); the softmax does not depend on it (no gradient)
+    top = self_scores.detach().scatter_reduce(0, seg[:, None].expand(-1, heads), token_scores.detach(), "amax")
+    token_w = torch.exp(token_scores - top.index_select(0, seg))  # (B * T, H)
+    self_w = torch.exp(self_scores - top)  # (B * S + 1, H)
+    total = self_w.index_add(0, seg, token_w)  # (B * S + 1, H)
+    token_w, self_w = _dropout(token_w, dropout_p), _dropout(self_w, dropout_p)
+    weighted = (self_w[..., None] * sv).index_add(0, seg, token_w[..., None] * tv)  # (B * S + 1, H, Dh)
+    out = (weighted / total[..., None])[:-1].view(batch, summaries, heads, dim).transpose(1, 2)  # (B, H, S, Dh)
+    is_summary = (chunks.layout.summary_kind == SlotKind.SUMMARY)[:, None, :, None]
+    return torch.where(is_summary, out, torch.zeros_like(out)).to(dtype)
+
+
+# =============================================================================================
+# The backend object attention.py dispatches to
+# =============================================================================================
+class BarChunkBackend:
+    """Exact FC-attention by bar chunks: forward, backward and attention dropout on every device.
+
+    ``prepare`` builds the chunks once per forward; ``summarise`` / ``aggregate`` are the two steps
+    (q/k/v ``(B, H, L, Dh)``, as ``FCAttention`` projects them).
+    """
+
+    name = "chunks"
+
+    def prepare(self, layout: BarLayout, pattern: AttentionPattern) -> BarChunks:
+        """The chunks and masks of the batch, shared by all layers."""
+        return build_chunks(layout, pattern)
+
+    def summarise(self, q_s, k_s, v_s, k_r, v_r, state: BarChunks, dropout_p: float) -> torch.Tensor:
+        """Summary queries over themselves + all regular tokens of their bar -> ``(B, H, S, Dh)``."""
+        return summarise(q_s, k_s, v_s, k_r, v_r, state, dropout_p)
+
+    def aggregate(self, q_r, k2, v2, k_r, v_r, state: BarChunks, dropout_p: float) -> torch.Tensor:
+        """Regular queries over fine-bar tokens, BOS and coarse summaries -> ``(B, H, T, Dh)``."""
+        return aggregate(q_r, k2, v2, k_r, v_r, state, dropout_p)
