@@ -128,10 +128,9 @@ def test_no_tensor_grows_with_length_squared():
     ids = batch(song(bars))
     state = build_chunks(bar_layout(ids, VOCAB, AttentionPattern()), AttentionPattern())
     length = ids.shape[1]
-    keys_read = 60 * (len(AttentionPattern().fine_offsets) + 1) + 1  # 8 fine bars + own bar + BOS
+    keys_read = 60 * (len(AttentionPattern().fine_offsets) + 1) + 1 + 40  # 8 fine bars + own bar + BOS + coarse
     elements = sum(g.bias.numel() for g in state.groups)
-    assert elements <= 2 * length * keys_read < length * length // 2
-    assert state.coarse.numel() == length * 40
+    assert elements <= 1.5 * length * keys_read < length * length // 2
 
 
 def one_hot_values(ids, pattern, gen):

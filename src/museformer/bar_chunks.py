@@ -57,8 +57,8 @@ def _padded(n: torch.Tensor) -> torch.Tensor:
 class ChunkGroup:
     """Chunks of similar length, stacked: ``n`` chunks of ``query_len`` queries x ``key_len`` keys."""
 
-    query_rows: torch.Tensor  # (n * Lq,) flat token index (b * T + t) of every query row; B * T = none
-    key_rows: torch.Tensor  # (n * Lk,) flat token index of every key column; B * T = none (a zero key)
+    query_rows: torch.Tensor  # (n * Lq,) flat token index (b * T + t) of every query row
+    key_rows: torch.Tensor  # (n * Lk,) index into [B * T token keys, B * S summary keys, one zero key]
     bias: torch.Tensor  # (n, 1, Lq, Lk) float: 0 where the query reads the key, _MASKED elsewhere
     query_len: int  # Lq
     key_len: int  # Lk
@@ -74,9 +74,8 @@ class BarChunks:
 
     layout: BarLayout
     pattern: AttentionPattern
-    groups: tuple[ChunkGroup, ...]  # the fine part of the aggregation (empty for the full pattern)
+    groups: tuple[ChunkGroup, ...]  # the aggregation, group by group (empty for the full pattern)
     token_row: torch.Tensor | None  # (B * T,) row of each token in the groups' concatenated query rows
-    coarse: torch.Tensor | None  # (B, 1, T, S) bool: regular query t reads summary slot j (None: no S)
     summary_segment: torch.Tensor | None  # (B * T,) flat summary slot (b * S + j) a token belongs to; B * S = none
 
     @property
@@ -91,8 +90,9 @@ class BarChunks:
 def build_chunks(layout: BarLayout, pattern: AttentionPattern) -> BarChunks:
     """Chunks, groups and masks of a batch from its bar boundaries (vectorised; no Python loop over bars).
 
-    A chunk is one bar of one song (its regular tokens) or one song's BOS. Its keys are the segments
-    ``[BOS, bar b - o for each fine offset o (largest first), own bar]``; only the own bar is causal.
+    A chunk is one bar of one song (its regular tokens) or one song's BOS. Its keys are
+    ``[its coarse summaries, BOS, bar b - o for each fine offset o (largest first), own bar]``;
+    only the own bar needs a (causal) mask.
     """
     kind, bar = layout.token_kind, layout.token_bar  # (B, T)
     batch, length = kind.shape
@@ -110,7 +110,7 @@ def build_chunks(layout: BarLayout, pattern: AttentionPattern) -> BarChunks:
         summary_segment = torch.where(closed, base + slot, batch * summaries).reshape(-1)
 
     if pattern.kind == "full":
-        return BarChunks(layout, pattern, (), None, None, summary_segment)
+        return BarChunks(layout, pattern, (), None, summary_segment)
 
     # ---- bars of every song: start and length (bar 0 = the BOS chunk) ----------------------------
     num_bars = int(bar[regular].max()) if bool(regular.any()) else 0
@@ -141,17 +141,32 @@ def build_chunks(layout: BarLayout, pattern: AttentionPattern) -> BarChunks:
     seg_start = torch.cat([torch.zeros_like(bos_len)[:, None], starts[song[:, None], fine_bar],
                            starts[song, chunk_bar][:, None]], dim=1)  # (C, F + 2)
     query_len, query_start = counts[song, chunk_bar], starts[song, chunk_bar]  # (C,)
-    key_len = seg_len.sum(1)  # (C,)
+
+    # coarse summaries of each chunk, in slot order: slot j (bar j + 1) of an earlier, non-fine bar
+    if summaries and pattern.has_summaries:
+        distance = chunk_bar[:, None] - torch.arange(1, summaries + 1, device=device)  # (C, S)
+        fine = distance == 0
+        for o in pattern.fine_offsets:
+            fine = fine | (distance == o)
+        coarse = (distance > 0) & ~fine & (layout.summary_kind[song] == SlotKind.SUMMARY)  # (C, S)
+        coarse_len = coarse.sum(1)  # (C,)
+        coarse_slot = torch.sort((~coarse).to(torch.int8), dim=1, stable=True).indices  # read slots first
+        coarse_key = batch * length + song[:, None] * summaries + coarse_slot  # (C, S)
+    else:
+        coarse_len = torch.zeros_like(query_len)
+        coarse_key = torch.zeros(len(song), 0, dtype=torch.long, device=device)
+    key_len = coarse_len + seg_len.sum(1)  # (C,)
+    no_key = batch * length + batch * summaries  # the zero key row
 
     # ---- groups of chunks with the same padded lengths -------------------------------------------
     lq, lk = _padded(query_len), _padded(key_len)
-    keys = torch.stack([lq, lk], 1)
-    group_keys, group_of = torch.unique(keys, dim=0, return_inverse=True)
+    group_keys, group_of = torch.unique(torch.stack([lq, lk], 1), dim=0, return_inverse=True)
+    order = torch.argsort(group_of, stable=True)
+    sizes = torch.bincount(group_of, minlength=len(group_keys)).tolist()
     groups, token_row, row_offset = [], torch.full((batch * length,), -1, dtype=torch.long, device=device), 0
-    for g, (glq, glk) in enumerate(group_keys.tolist()):
-        members = (group_of == g).nonzero(as_tuple=True)[0]  # (n,)
+    for (glq, glk), members in zip(group_keys.tolist(), torch.split(order, sizes)):
         n = members.numel()
-        b, qs, ql = song[members], query_start[members], query_len[members]
+        b, qs, ql, cl = song[members], query_start[members], query_len[members], coarse_len[members]
         sl, ss = seg_len[members], seg_start[members]  # (n, F + 2)
         # query rows
         i = torch.arange(glq, device=device)
@@ -159,68 +174,77 @@ def build_chunks(layout: BarLayout, pattern: AttentionPattern) -> BarChunks:
         q_flat = b[:, None] * length + qs[:, None] + i  # (n, Lq)
         token_row[q_flat[q_ok]] = row_offset + torch.arange(n * glq, device=device).view(n, glq)[q_ok]
         row_offset += n * glq
-        # key columns: column j lies in the segment whose [start, end) of the running sum holds it
+        # key columns: first the coarse summaries, then token segments: column j lies in the
+        # segment whose [start, end) of the running sum holds it
         j = torch.arange(glk, device=device)
+        jt = (j - cl[:, None]).clamp(min=0)  # (n, Lk) column among the token keys
         ends = sl.cumsum(1)  # (n, F + 2)
-        seg = torch.searchsorted(ends, j.expand(n, glk).contiguous(), right=True).clamp(max=sl.shape[1] - 1)
-        within = j - (ends - sl).gather(1, seg)  # (n, Lk) index inside its segment
+        seg = torch.searchsorted(ends, jt.contiguous(), right=True).clamp(max=sl.shape[1] - 1)
+        within = jt - (ends - sl).gather(1, seg)  # (n, Lk) index inside its segment
+        token_key = b[:, None] * length + ss.gather(1, seg) + within
+        is_coarse = j < cl[:, None]
         k_ok = j < key_len[members][:, None]
-        k_flat = b[:, None] * length + ss.gather(1, seg) + within
-        is_own = seg == sl.shape[1] - 1
+        keys = token_key
+        if coarse_key.shape[1]:
+            summary_key = coarse_key[members].gather(1, j.clamp(max=summaries - 1).expand(n, glk))
+            keys = torch.where(is_coarse, summary_key, token_key)
+        is_own = ~is_coarse & (seg == sl.shape[1] - 1)
         # (n, Lq, Lk): the key exists, and inside the own bar it is not after the query
         reads = k_ok[:, None, :] & (~is_own[:, None, :] | (within[:, None, :] <= i[None, :, None]))
         reads = reads & q_ok[..., None]
         reads[:, :, 0] |= ~q_ok  # padding query rows read column 0, so their softmax stays finite
         bias = torch.zeros(reads.shape, dtype=torch.float32, device=device).masked_fill_(~reads, _MASKED)
         groups.append(ChunkGroup(
-            torch.where(q_ok, q_flat, batch * length).reshape(-1),
-            torch.where(k_ok, k_flat, batch * length).reshape(-1),
+            torch.where(q_ok, q_flat, 0).reshape(-1),  # padding rows repeat token 0; their output is dropped
+            torch.where(k_ok, keys, no_key).reshape(-1),
             bias[:, None], glq, glk,
         ))
     token_row = torch.where(token_row >= 0, token_row, row_offset)  # tokens of no chunk (PAD) -> a zero row
-
-    # ---- coarse: which summary slots each regular query reads -------------------------------------
-    coarse = None
-    if summaries and pattern.has_summaries:
-        j = torch.arange(1, summaries + 1, device=device)  # the bar each slot summarises
-        distance = bar[..., None] - j  # (B, T, S)
-        fine = distance == 0
-        for o in pattern.fine_offsets:
-            fine = fine | (distance == o)
-        is_summary = (layout.summary_kind == SlotKind.SUMMARY)[:, None, :]  # (B, 1, S)
-        coarse = (regular[..., None] & is_summary & (distance > 0) & ~fine)[:, None]  # (B, 1, T, S)
-    return BarChunks(layout, pattern, tuple(groups), token_row, coarse, summary_segment)
+    return BarChunks(layout, pattern, tuple(groups), token_row, summary_segment)
 
 
 # =============================================================================================
 # The two attention steps
 # =============================================================================================
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    """``(B, H, L, Dh)`` -> ``(B * L + 1, H, Dh)`` token rows plus one zero row (index B * L)."""
+    """``(B, H, L, Dh)`` -> ``(B * L, H, Dh)`` rows (a view when x came from ``FCAttention._heads``)."""
     batch, heads, length, dim = x.shape
-    rows = x.transpose(1, 2).reshape(batch * length, heads, dim)  # (B * L, H, Dh)
-    return torch.cat([rows, rows.new_zeros(1, heads, dim)])
+    return x.transpose(1, 2).reshape(batch * length, heads, dim)
 
 
 def _dropout(weights: torch.Tensor, p: float) -> torch.Tensor:
-    """Attention dropout on weights: keep each with probability 1 - p, scale kept ones by 1 / (1 - p)."""
-    return F.dropout(weights, p) if p > 0 else weights
+    """Attention dropout on weights: keep each with probability 1 - p, scale kept ones by 1 / (1 - p).
+
+    Each weight gets its own uniform 32-bit integer (two per ``random_`` 64-bit draw, about 2x
+    cheaper than ``bernoulli_`` on CPU); it is dropped below ``round(p * 2**32)`` of the 2**32
+    values, so the drop probability is p within 2**-33, finer than a float32 uniform.
+    """
+    if p <= 0:
+        return weights
+    count = weights.numel()
+    bits = torch.empty((count + 1) // 2, dtype=torch.int64, device=weights.device).random_(-2**63, None)
+    bits = bits.view(torch.int32)[:count].view(weights.shape)
+    keep = bits >= round(p * 2**32) - 2**31
+    return weights * keep.to(weights.dtype).mul_(1.0 / (1.0 - p))
 
 
 def aggregate(q: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               chunks: BarChunks, dropout_p: float = 0.0) -> torch.Tensor:
-    """Regular queries over fine-bar tokens, BOS and coarse summaries, one softmax.
+    """Regular queries over fine-bar tokens, BOS and coarse summaries, one softmax per chunk row.
 
     Shapes: q/k/v ``(B, H, T, Dh)``, k2/v2 ``(B, H, S, Dh)`` (S may be 0) -> ``(B, H, T, Dh)``;
     rows of PAD tokens are zeros.
     """
     batch, heads, length, dim = q.shape
-    scale = dim**-0.5
     if chunks.pattern.kind == "full":
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         return out.masked_fill((chunks.layout.token_kind == SlotKind.PAD)[:, None, :, None], 0.0)
-    q_rows, k_rows, v_rows = _rows(q), _rows(k), _rows(v)  # (B * T + 1, H, Dh)
-    outs, lses = [], []
+    scale = dim**-0.5
+    q_rows = _rows(q)  # (B * T, H, Dh)
+    zero = q.new_zeros(1, heads, dim)
+    k_rows = torch.cat([_rows(k), _rows(k2), zero])  # (B * T + B * S + 1, H, Dh): every key there is
+    v_rows = torch.cat([_rows(v), _rows(v2), zero])
+    outs = []
     for g in chunks.groups:
         n = g.query_rows.numel() // g.query_len
         qg = q_rows.index_select(0, g.query_rows).view(n, g.query_len, heads, dim).transpose(1, 2)  # (n, H, Lq, Dh)
@@ -228,28 +252,10 @@ def aggregate(q: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, k: torch.Tens
         vg = v_rows.index_select(0, g.key_rows).view(n, g.key_len, heads, dim).transpose(1, 2)
         # scores in at least float32 (the float32 bias promotes them)
         scores = torch.matmul(qg, kg.transpose(-1, -2)).mul_(scale) + g.bias  # (n, H, Lq, Lk)
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (n, H, Lq, 1)
-        weights = _dropout(torch.exp(scores - lse).to(vg.dtype), dropout_p)
+        weights = _dropout(torch.softmax(scores, dim=-1).to(vg.dtype), dropout_p)
         outs.append(torch.matmul(weights, vg).transpose(1, 2).reshape(n * g.query_len, heads, dim))
-        lses.append(lse.transpose(1, 2).reshape(n * g.query_len, heads, 1))
-    zero = outs[0].new_zeros(1, heads, dim)
-    fine_out = torch.cat(outs + [zero]).index_select(0, chunks.token_row)  # (B * T, H, Dh)
-    fine_out = fine_out.view(batch, length, heads, dim).transpose(1, 2)  # (B, H, T, Dh)
-    if chunks.coarse is None or k2.shape[2] == 0:
-        return fine_out
-    fine_lse = torch.cat(lses + [lses[0].new_zeros(1, heads, 1)]).index_select(0, chunks.token_row)  # (B * T, H, 1)
-    work = torch.promote_types(q.dtype, torch.float32)
-    fine_lse = fine_lse.view(batch, length, heads, 1).transpose(1, 2).to(work)  # (B, H, T, 1)
-    scores = torch.matmul(q, k2.transpose(-1, -2)).mul_(scale).masked_fill(~chunks.coarse, _MASKED)  # (B, H, T, S)
-    scores = scores.to(work)
-    coarse_lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, H, T, 1)
-    # one softmax over both key sets: each part's weights are its own softmax times exp(lse_part - lse)
-    total = torch.logaddexp(fine_lse, coarse_lse)
-    coarse_weights = _dropout(torch.exp(scores - total).to(v2.dtype), dropout_p)
-    coarse_out = torch.matmul(coarse_weights, v2)  # (B, H, T, Dh)
-    fine_share = torch.exp(fine_lse - total).to(fine_out.dtype)
-    out = fine_out * fine_share + coarse_out
-    return out.masked_fill((chunks.layout.token_kind == SlotKind.PAD)[:, None, :, None], 0.0)
+    out = torch.cat(outs + [zero.to(outs[0].dtype)]).index_select(0, chunks.token_row)  # (B * T, H, Dh)
+    return out.view(batch, length, heads, dim).transpose(1, 2)  # (B, H, T, Dh)
 
 
 def summarise(q_s: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -266,8 +272,12 @@ def summarise(q_s: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, k: torch.
     dtype = q_s.dtype
     work = torch.promote_types(dtype, torch.float32)
     seg = chunks.summary_segment  # (B * T,) in [0, B * S]
-    sq, sk, sv = (_rows(x.to(work)) for x in (q_s, k_s, v_s))  # (B * S + 1, H, Dh)
-    tk, tv = (_rows(x.to(work))[:-1] for x in (k, v))  # (B * T, H, Dh)
+    def rows_and_zero(x):  # (B, H, S, Dh) -> (B * S + 1, H, Dh), the last row for tokens of no bar
+        rows = _rows(x.to(work))
+        return torch.cat([rows, rows.new_zeros(1, heads, dim)])
+
+    sq, sk, sv = (rows_and_zero(x) for x in (q_s, k_s, v_s))  # (B * S + 1, H, Dh)
+    tk, tv = (_rows(x.to(work)) for x in (k, v))  # (B * T, H, Dh)
     token_scores = (sq.index_select(0, seg) * tk).sum(-1) * scale  # (B * T, H)
     self_scores = (sq * sk).sum(-1) * scale  # (B * S + 1, H)
     # the per-bar maximum only stabilises exp(); the softmax does not depend on it (no gradient)
