@@ -24,8 +24,11 @@ backend is chosen by one config string, ``attention_backend``; ``BACKENDS`` list
 
 - ``"flex"``: the fast path of ``fc_blocks.py`` (block-sparse FlexAttention built from the bar
   boundaries + a segment softmax for summaries). Exact; no attention dropout; no CPU backward.
-- ``"auto"``: ``"flex"`` on CUDA, and on CPU for gradient-free forwards of long songs (where the
-  compiled flex forward is exact and faster); ``"dense"`` otherwise.
+- ``"chunks"``: the bar-chunk path of ``bar_chunks.py`` (each bar's queries read their keys as
+  whole bars, batched by length; coarse summaries in the same softmax). Exact, attention dropout,
+  CPU and GPU backward, memory linear in length.
+- ``"auto"``: ``"chunks"`` on CPU; ``"flex"`` on CUDA, ``"dense"`` there when training needs
+  attention dropout.
 
 Notation: B batch, T regular tokens, S summary slots, K = S + T keys, D model width, H heads,
 Dh = D / H.
@@ -40,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from museformer.bar_chunks import BarChunkBackend
+from museformer.bar_chunks import BarChunkBackend, BarChunks
 from museformer.fc_blocks import FlexBackend
 from museformer.structure import AttentionPattern, BarLayout, dense_masks
 
@@ -96,33 +99,46 @@ class DenseBackend:
 
 
 class AutoBackend:
-    """``"flex"`` where it is exact and faster, ``"dense"`` elsewhere (decided per batch)."""
+    """The fastest exact backend per device, grad mode and length (decided per batch).
+
+    From the measurements in docs/benchmarks.md: on CPU ``"chunks"`` (exact forward and backward,
+    with attention dropout, linear memory; faster than the dense masks at every length measured);
+    on CUDA ``"flex"``, except for training with attention dropout (flex has none), which keeps
+    ``"dense"`` there (the bar chunks are not measured on a GPU yet).
+    """
 
     name = "auto"
-    # below this many tokens the CPU dense path is as fast and needs no compilation
-    # (docs/benchmarks.md, "Fast attention")
-    cpu_flex_min_tokens = 4096
 
     def __init__(self, attention_dropout: float = 0.0) -> None:
-        self.dense, self.flex = DenseBackend(), FlexBackend()
+        self.dense, self.flex, self.chunks = DenseBackend(), FlexBackend(), BarChunkBackend()
         self.attention_dropout = attention_dropout
 
-    def use_flex(self, on_cuda: bool, grad: bool, tokens: int) -> bool:
-        """Flex on CUDA unless training needs attention dropout (flex has none); on CPU only
-        without gradients (flex has no CPU backward) and for long songs."""
+    def choose(self, on_cuda: bool, grad: bool, tokens: int):
+        """The backend for a batch of ``tokens`` tokens per song."""
         if on_cuda:
-            return not (grad and self.attention_dropout > 0)
-        return not grad and tokens >= self.cpu_flex_min_tokens
+            return self.dense if grad and self.attention_dropout > 0 else self.flex
+        return self.chunks
 
     def prepare(self, layout: BarLayout, pattern: AttentionPattern):
-        """The masks of whichever backend ``use_flex`` picks for this batch."""
-        flex = self.use_flex(layout.token_kind.is_cuda, torch.is_grad_enabled(), layout.token_kind.shape[-1])
-        return (self.flex if flex else self.dense).prepare(layout, pattern)
+        """The per-batch state of whichever backend ``choose`` picks."""
+        backend = self.choose(layout.token_kind.is_cuda, torch.is_grad_enabled(), layout.token_kind.shape[-1])
+        return backend.prepare(layout, pattern)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, dropout_p: float) -> torch.Tensor:
-        """Whichever backend prepared ``mask`` computes the step."""
+    def _masked(self, q, k, v, mask, dropout_p):
         backend = self.dense if isinstance(mask, DenseStepMask) else self.flex
         return backend.attend(q, k, v, mask, dropout_p)
+
+    def summarise(self, q_s, k_s, v_s, k_r, v_r, state, dropout_p: float) -> torch.Tensor:
+        """Step 1 by whichever backend prepared ``state`` -> ``(B, H, S, Dh)``."""
+        if isinstance(state, BarChunks):
+            return self.chunks.summarise(q_s, k_s, v_s, k_r, v_r, state, dropout_p)
+        return self._masked(q_s, torch.cat([k_s, k_r], 2), torch.cat([v_s, v_r], 2), state, dropout_p)
+
+    def aggregate(self, q_r, k2, v2, k_r, v_r, state, dropout_p: float) -> torch.Tensor:
+        """Step 2 by whichever backend prepared ``state`` -> ``(B, H, T, Dh)``."""
+        if isinstance(state, BarChunks):
+            return self.chunks.aggregate(q_r, k2, v2, k_r, v_r, state, dropout_p)
+        return self._masked(q_r, torch.cat([k2, k_r], 2), torch.cat([v2, v_r], 2), state, dropout_p)
 
 
 BACKENDS = {"dense": DenseBackend, "flex": FlexBackend, "chunks": BarChunkBackend, "auto": AutoBackend}

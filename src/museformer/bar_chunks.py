@@ -75,6 +75,8 @@ class BarChunks:
     layout: BarLayout
     pattern: AttentionPattern
     groups: tuple[ChunkGroup, ...]  # the aggregation, group by group (empty for the full pattern)
+    query_rows: torch.Tensor | None  # all groups' query_rows, concatenated (one gather per layer)
+    key_rows: torch.Tensor | None  # all groups' key_rows, concatenated
     token_row: torch.Tensor | None  # (B * T,) row of each token in the groups' concatenated query rows
     summary_segment: torch.Tensor | None  # (B * T,) flat summary slot (b * S + j) a token belongs to; B * S = none
 
@@ -110,7 +112,7 @@ def build_chunks(layout: BarLayout, pattern: AttentionPattern) -> BarChunks:
         summary_segment = torch.where(closed, base + slot, batch * summaries).reshape(-1)
 
     if pattern.kind == "full":
-        return BarChunks(layout, pattern, (), None, summary_segment)
+        return BarChunks(layout, pattern, (), None, None, None, summary_segment)
 
     # ---- bars of every song: start and length (bar 0 = the BOS chunk) ----------------------------
     num_bars = int(bar[regular].max()) if bool(regular.any()) else 0
@@ -200,7 +202,9 @@ def build_chunks(layout: BarLayout, pattern: AttentionPattern) -> BarChunks:
             bias[:, None], glq, glk,
         ))
     token_row = torch.where(token_row >= 0, token_row, row_offset)  # tokens of no chunk (PAD) -> a zero row
-    return BarChunks(layout, pattern, tuple(groups), token_row, summary_segment)
+    query_rows = torch.cat([g.query_rows for g in groups])
+    key_rows = torch.cat([g.key_rows for g in groups])
+    return BarChunks(layout, pattern, tuple(groups), query_rows, key_rows, token_row, summary_segment)
 
 
 # =============================================================================================
@@ -244,12 +248,18 @@ def aggregate(q: torch.Tensor, k2: torch.Tensor, v2: torch.Tensor, k: torch.Tens
     zero = q.new_zeros(1, heads, dim)
     k_rows = torch.cat([_rows(k), _rows(k2), zero])  # (B * T + B * S + 1, H, Dh): every key there is
     v_rows = torch.cat([_rows(v), _rows(v2), zero])
+    # one gather per tensor for all groups (one scatter in the backward), then a view per group
+    q_sizes = [g.query_rows.numel() for g in chunks.groups]
+    k_sizes = [g.key_rows.numel() for g in chunks.groups]
+    q_groups = q_rows.index_select(0, chunks.query_rows).split(q_sizes)
+    k_groups = k_rows.index_select(0, chunks.key_rows).split(k_sizes)
+    v_groups = v_rows.index_select(0, chunks.key_rows).split(k_sizes)
     outs = []
-    for g in chunks.groups:
+    for g, qg, kg, vg in zip(chunks.groups, q_groups, k_groups, v_groups):
         n = g.query_rows.numel() // g.query_len
-        qg = q_rows.index_select(0, g.query_rows).view(n, g.query_len, heads, dim).transpose(1, 2)  # (n, H, Lq, Dh)
-        kg = k_rows.index_select(0, g.key_rows).view(n, g.key_len, heads, dim).transpose(1, 2)  # (n, H, Lk, Dh)
-        vg = v_rows.index_select(0, g.key_rows).view(n, g.key_len, heads, dim).transpose(1, 2)
+        qg = qg.view(n, g.query_len, heads, dim).transpose(1, 2)  # (n, H, Lq, Dh)
+        kg = kg.view(n, g.key_len, heads, dim).transpose(1, 2)  # (n, H, Lk, Dh)
+        vg = vg.view(n, g.key_len, heads, dim).transpose(1, 2)
         # scores in at least float32 (the float32 bias promotes them)
         scores = torch.matmul(qg, kg.transpose(-1, -2)).mul_(scale) + g.bias  # (n, H, Lq, Lk)
         weights = _dropout(torch.softmax(scores, dim=-1).to(vg.dtype), dropout_p)

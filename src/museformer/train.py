@@ -87,7 +87,7 @@ class TrainConfig:
         val_max_songs: evaluate on the first N validation songs only (None = all).
         keep_checkpoints: how many resumable checkpoints to keep (the newest).
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
-        precision: "auto" (bf16 autocast on CUDA, float32 on CPU), "bf16" or "fp32".
+        precision: "auto" (bf16 autocast on CUDA and on CPUs with native bf16, else float32), "bf16" or "fp32".
         compile: wrap the model in ``torch.compile``.
         tensorboard: also write TensorBoard events when the ``tensorboard`` package is installed.
         progress: show a progress bar (rank 0 only).
@@ -397,8 +397,22 @@ def _length_sorted_batches(lengths: np.ndarray, batch_tokens: int) -> Iterator[n
 # =============================================================================================
 # loss
 # =============================================================================================
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """Whether ``precision`` means bf16 autocast on ``device``.
+
+    ``"auto"`` picks bf16 where the hardware computes it natively: CUDA, and CPUs with AMX or
+    AVX512-BF16. Elsewhere (e.g. an AVX2-only CPU) bf16 matmuls are emulated, far slower than
+    float32 (docs/benchmarks.md), so ``"auto"`` stays float32 there.
+    """
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
 def _autocast(device: torch.device, precision: str):
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if uses_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
