@@ -65,7 +65,7 @@ def model_flops(model: Museformer, batch: dict) -> float:
     tokens = int((batch["input_ids"] != 0).sum())
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     pattern = model.config.pattern
-    _, regular_mask = dense_masks(bar_layout(batch["input_ids"], model.vocab, pattern), pattern)
+    _, regular_mask = dense_masks(bar_layout(batch["input_ids"].cpu(), model.vocab, pattern), pattern)
     pairs = int(regular_mask.sum())
     return 6 * matmul * tokens + 12 * model.config.d_model * pairs * model.config.n_layers
 
@@ -79,7 +79,8 @@ def run(corpus: Corpus, args, batch_tokens: int, peak: float) -> dict:
     if args.pattern == "full":
         overrides["pattern"] = AttentionPattern.full()
     cfg = MuseformerConfig.preset(args.preset, vocab=vocab.name, vocab_size=len(vocab), **overrides)
-    model = Museformer(cfg, vocab=vocab).train()
+    device = torch.device(args.device)
+    model = Museformer(cfg, vocab=vocab).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
     if args.window:
         source = windows(corpus, args.window)
@@ -91,12 +92,16 @@ def run(corpus: Corpus, args, batch_tokens: int, peak: float) -> dict:
     times, tokens, flops = [], [], []
     for step in range(args.warmup + args.steps):
         batch = next(batches)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        nll, n = batch_nll(model, batch, torch.device("cpu"), args.precision)
+        nll, n = batch_nll(model, batch, device, args.precision)
         (nll / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 25.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             tokens.append(n)
@@ -114,6 +119,7 @@ def run(corpus: Corpus, args, batch_tokens: int, peak: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="prepared corpus folder")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (MFU is then against the bf16 peak)")
     ap.add_argument("--preset", default="small", choices=["paper", "small", "tiny"])
     ap.add_argument("--max-len", type=int, default=2048, help="songs truncated to this many tokens")
     ap.add_argument("--batch-tokens", type=int, nargs="+", default=[8192])
@@ -128,8 +134,8 @@ def main() -> None:
     ap.add_argument("--peak", type=float, help="fp32 matmul GFLOP/s (measured when not given)")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    info = describe("cpu") if args.peak is None else None
-    peak = args.peak or info["peak_fp32_gflops"]
+    info = describe(args.device) if args.peak is None else None
+    peak = args.peak or info["peak_bf16_gflops" if args.device == "cuda" else "peak_fp32_gflops"]
     if info:
         print(header(info), flush=True)
     corpus = Corpus(args.data, "train")

@@ -5,22 +5,24 @@ This module owns the ``"chunks"`` attention backend. It computes exactly what th
 only over the keys the pattern reads, with plain tensor ops (so autograd gives the backward on every
 device) and no ``T x T`` tensor anywhere:
 
-- **Aggregation.** The regular queries of one bar (a *chunk*) read the same key set: BOS, the whole
-  fine bars ``b - o`` (contiguous token ranges) and their own bar (causally), plus the coarse
-  summaries. The fine part runs chunk by chunk: the keys of every chunk are gathered into one padded
-  row (``[BOS, fine bars..., own bar]``), chunks of similar query and key length are stacked into a
-  *group*, and each group is one batched matmul -> masked softmax -> matmul. The small additive mask
-  of a group (key padding, the own bar's causal triangle) is built once per forward. The coarse part
-  (``key2``/``value2`` summaries) runs in token order against all summaries with a ``(T, S)`` mask.
-  The two parts are merged by their log-sum-exp, which is one softmax over the union of their keys.
+- **Aggregation.** The regular queries of one bar (a *chunk*) read the same key set: their coarse
+  summaries (``key2``/``value2``), BOS, the whole fine bars ``b - o`` (contiguous token ranges) and
+  their own bar (causally). The keys of every chunk are gathered into one row
+  (``[coarse summaries, BOS, fine bars..., own bar]``), chunks of similar query and key length are
+  stacked into a *group* (lengths padded up a short ladder), and each group is one batched matmul ->
+  masked softmax -> matmul: one softmax over exactly the keys ``may_attend`` allows. The small
+  additive mask of a group (key padding, the own bar's causal triangle) is built once per forward
+  and shared by all layers. No masked SDPA (masks push it off its fast CPU kernel) and no
+  log-sum-exp merge is needed.
 - **Summarisation.** A summary reads itself and its bar's tokens: a segment softmax over contiguous
   bars, O(T x D).
 - **Attention dropout** is drawn only over the weights of the keys a query reads (O(T x keys per
   query)), and scales the kept weights by 1 / (1 - p), as SDPA does on the dense weights: the same
-  distribution as the dense reference's dropout.
+  distribution as the dense reference's dropout (drop probability p within 2**-33).
 
-Memory per layer is O(T x keys per query) (fine part) + O(T x S) (coarse part: the pattern reads
-every coarse summary).
+Memory per layer is O(T x keys per query), keys per query = fine-bar tokens + coarse summaries (the
+pattern reads every coarse summary, so that term is T x S). The ``"full"`` pattern (no bars) runs
+causal SDPA.
 
 Notation: B batch, T regular tokens, S summary slots, H heads, Dh head width, C chunks (bars of the
 batch, plus one per BOS), G a group of chunks, Lq / Lk a group's padded query / key length.
