@@ -1,15 +1,19 @@
-"""FC-attention speed and memory: dense causal SDPA vs the dense-mask FC path vs the flex FC path.
+"""FC-attention speed and memory: causal SDPA vs the FC paths (dense masks, bar chunks, flex).
 
-On CUDA (bf16, 8 heads x 64, bars of 50-150 tokens) at 15,360 / 32,768 / 100,000 tokens it
-  - checks the flex path against the dense-mask path (outputs and gradients, bf16 tolerance) where
-    the dense mask fits in memory,
-  - times forward and forward+backward of: causal SDPA over the same tokens (FlashAttention),
-    the FC dense-mask path (both steps), the flex path (both steps) per block size,
-  - times the block-layout build and records peak memory.
-On CPU it runs a small forward-only float32 version (and the layout build at the full lengths).
+One attention layer's both steps (summarisation + aggregation), 8 heads x 64, bars of 50-150 tokens.
 
-    python benchmarks/attention.py --out results/            # CUDA if available, else CPU
-    python benchmarks/attention.py --out results/ --device cpu
+- CPU (float32, the default there): forward and forward+backward of causal SDPA over the same tokens,
+  the FC dense-mask path (where its T x (S + T) masks are small), the FC bar-chunk path (``"chunks"``,
+  also with attention dropout 0.1), and with ``--flex`` the compiled flex path (forward only: it has no
+  CPU backward). Checks bar chunks against the dense masks where those fit.
+- CUDA (bf16): the same rows plus flex per block size.
+
+Every row reports milliseconds, the memory saved for the backward pass (every tensor autograd keeps,
+counted once; a linear-in-length path keeps O(T x keys per query)), the attention FLOPs the method
+does (4 H Dh per query-key pair read, x3 with the backward), and MFU against this machine's measured
+fp32 matmul peak. ``x causal`` is causal SDPA's time over the row's time (same direction).
+
+    python benchmarks/attention.py --out results/ [--device cpu] [--lengths 4096 16384 32768] [--flex]
 
 Prints a table and writes ``attention_<device>.json`` to ``--out``.
 """
@@ -18,22 +22,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
+import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from museformer import fc_blocks
+from museformer.bar_chunks import BarChunkBackend
 from museformer.structure import AttentionPattern, bar_layout, dense_masks
 from museformer.vocab import BOS_ID, Vocab
 
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe, header  # noqa: E402
+
 VOCAB = Vocab.builtin("lmd6remi")
 HEADS, HEAD_DIM = 8, 64
-DENSE_MASK_LIMIT = 2 * 10**9  # elements of the (T, S + T) dense mask we are willing to build
+DENSE_MASK_LIMIT = {"cpu": 5 * 10**7, "cuda": 2 * 10**9}  # elements of the (T, S + T) mask we build
 
 
 def synthetic_song(length: int, seed: int = 0) -> torch.Tensor:
@@ -48,8 +55,9 @@ def synthetic_song(length: int, seed: int = 0) -> torch.Tensor:
 
 
 def timed(fn, device: str, repeat: int) -> float:
-    """Median wall time of ``fn()`` in ms (after one warm-up call)."""
-    fn()
+    """Median wall time of ``fn()`` in ms (after one warm-up call, except single CPU runs)."""
+    if repeat > 1 or device == "cuda":
+        fn()
     times = []
     for _ in range(repeat):
         if device == "cuda":
@@ -62,46 +70,80 @@ def timed(fn, device: str, repeat: int) -> float:
     return statistics.median(times)
 
 
-def peak_mb(fn, device: str) -> float | None:
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
+def saved_mb(fn) -> float:
+    """MB of the tensors autograd saves for the backward of ``fn()`` (each storage counted once)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values()) / 2**20
 
 
-def bench_length(length: int, device: str, dtype, block_sizes, backward: bool, repeat: int) -> dict:
+def keys_read(state, tokens: int) -> int:
+    """Query-key pairs the bar-chunk aggregation reads (its masks' zeros minus padding rows)."""
+    reads = sum(int((g.bias == 0).sum()) for g in state.groups)
+    rows = sum(g.query_rows.numel() for g in state.groups)
+    return reads - (rows - tokens)
+
+
+def bench_length(length: int, device: str, dtype, block_sizes, repeat: int, flex: bool, peak: float) -> dict:
     pattern = AttentionPattern()
     ids = synthetic_song(length).to(device)
     layout = bar_layout(ids, VOCAB, pattern)
     S = layout.num_summaries
     g = torch.Generator(device=device).manual_seed(0)
 
-    def rand(n):
-        return torch.randn(1, HEADS, n, HEAD_DIM, device=device, dtype=dtype, generator=g).requires_grad_(backward)
+    def rand(n):  # (B, H, n, Dh) as FCAttention makes them: a transposed view of (B, n, H, Dh)
+        x = torch.randn(1, n, HEADS, HEAD_DIM, device=device, dtype=dtype, generator=g)
+        return x.transpose(1, 2).requires_grad_()
 
     q, k, v = rand(length), rand(length), rand(length)
     sq, sk, sv, k2, v2 = (rand(S) for _ in range(5))
+    inputs = (q, k, v, sq, sk, sv, k2, v2)
     result = {"tokens": length, "bars": S, "rows": {}}
     rows = result["rows"]
+    reps = repeat if length <= 8192 else 1  # long causal backward passes take a minute each
 
-    def record(name, fn):
-        entry = {"fwd_ms": timed(lambda: fn(), device, repeat), "peak_mb": peak_mb(fn, device)}
+    def record(name, fn, pairs, backward=True):
+        pair_flops = 4 * HEADS * HEAD_DIM * pairs
+        with torch.no_grad():
+            entry = {"fwd_ms": timed(fn, device, reps), "pairs": pairs}
+        entry["fwd_mfu"] = pair_flops / (entry["fwd_ms"] / 1e3) / (peak * 1e9)
         if backward:
             def step():
                 out = fn()
-                (out[0] if isinstance(out, tuple) else out).float().sum().backward()
-            entry["fwd_bwd_ms"] = timed(step, device, repeat)
-            entry["fwd_bwd_peak_mb"] = peak_mb(step, device)
+                loss = sum(x.float().sum() for x in (out if isinstance(out, tuple) else (out,)))
+                loss.backward()
+            entry["fwd_bwd_ms"] = timed(step, device, reps)
+            entry["fwd_bwd_mfu"] = 3 * pair_flops / (entry["fwd_bwd_ms"] / 1e3) / (peak * 1e9)
+            entry["saved_mb"] = saved_mb(fn)
+            for x in inputs:
+                x.grad = None
         rows[name] = entry
+        print(f"  {length} {name}: {entry}", flush=True)
 
-    record("causal SDPA (all tokens)", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    causal_pairs = length * (length + 1) // 2
+    record("causal SDPA (all tokens)", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), causal_pairs)
 
-    # --- the FC dense-mask path (both steps), only where its masks fit -------------------------
-    reference = None
-    if length * (S + length) <= DENSE_MASK_LIMIT:
+    chunks = BarChunkBackend()
+    build_ms = timed(lambda: chunks.prepare(layout, pattern), "cpu" if device == "cpu" else device, repeat)
+    state = chunks.prepare(layout, pattern)
+    fc_pairs = keys_read(state, length) + 2 * length  # + summarisation (each token read by its summary, + itself)
+
+    def chunk_fc(p=0.0):
+        h = chunks.summarise(sq, sk, sv, k, v, state, p)
+        return chunks.aggregate(q, k2, v2, k, v, state, p), h
+
+    record("FC bar chunks", chunk_fc, fc_pairs)
+    rows["FC bar chunks"]["layout_build_ms"] = build_ms
+    record("FC bar chunks, dropout 0.1", lambda: chunk_fc(0.1), fc_pairs)
+
+    # --- the FC dense-mask path (both steps), only where its masks are small ---------------------
+    if length * (S + length) <= DENSE_MASK_LIMIT[device]:
         summary_mask, regular_mask = dense_masks(layout, pattern)
         sm, rm = summary_mask[:, None], regular_mask[:, None]
 
@@ -110,40 +152,33 @@ def bench_length(length: int, device: str, dtype, block_sizes, backward: bool, r
             out = F.scaled_dot_product_attention(q, torch.cat([k2, k], 2), torch.cat([v2, v], 2), attn_mask=rm)
             return out, h
 
-        record("FC dense masks + SDPA", dense_fc)
-        reference = dense_fc
+        record("FC dense masks + SDPA", dense_fc, fc_pairs)
+        rows["FC bar chunks"].update(check_against_dense(chunk_fc, dense_fc, inputs, layout))
     else:
         rows["FC dense masks + SDPA"] = {"skipped": f"dense mask of {length * (S + length):,} elements"}
 
-    # --- the flex path ----------------------------------------------------------------------------
-    for bs in block_sizes:
+    # --- the flex path (compiled; on CPU forward only) ----------------------------------------------
+    for bs in block_sizes if (flex or device == "cuda") else ():
         name = f"FC flex, block {bs}"
         try:
-            build_ms = timed(lambda: fc_blocks.flex_layout(layout, pattern, bs), device, repeat)
             fl = fc_blocks.flex_layout(layout, pattern, bs)
 
             def flex_fc():
                 h = fc_blocks.summarise(sq, sk, sv, k, v, layout)
                 return fc_blocks.aggregate(q, k, v, k2, v2, fl), h
 
-            record(name, flex_fc)
-            bm = fl.block_mask
-            rows[name].update(
-                layout_build_ms=build_ms,
-                padded_tokens=fl.padded_length,
-                blocks_read=int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()),
-                partial_blocks=int(bm.kv_num_blocks.sum()),
-                key_tokens_read_per_query=float((bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()) * bs
-                                                / bm.kv_num_blocks.shape[-1]),
-            )
-            if reference is not None:
-                rows[name].update(check_against_dense(flex_fc, reference, (q, k, v, sq, sk, sv, k2, v2), layout, backward))
+            record(name, flex_fc, fc_pairs, backward=device == "cuda")
         except Exception as error:  # a block size the kernel cannot compile is a result, not a crash
             rows[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+    causal = rows["causal SDPA (all tokens)"]
+    for row in rows.values():
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+            if key in row:
+                row[key.replace("_ms", "_x_causal")] = causal[key] / row[key]
     return result
 
 
-def check_against_dense(flex_fc, dense_fc, inputs, layout, backward: bool) -> dict:
+def check_against_dense(chunk_fc, dense_fc, inputs, layout) -> dict:
     """Max abs differences of outputs (real tokens / real summaries) and of input gradients."""
     real = (layout.token_kind != 0)[:, None, :, None]
     real_s = (layout.summary_kind != 0)[:, None, :, None]
@@ -153,27 +188,15 @@ def check_against_dense(flex_fc, dense_fc, inputs, layout, backward: bool) -> di
             x.grad = None
         out, h = fn()
         out, h = out * real, h * real_s
-        if backward:
-            (out.float().sum() + h.float().sum()).backward()
-        return out.detach().float(), h.detach().float(), [None if x.grad is None else x.grad.float() for x in inputs]
+        (out.float().sum() + h.float().sum()).backward()
+        return out.detach().float(), h.detach().float(), [x.grad.float() for x in inputs]
 
-    fo, fh, fg = run(flex_fc)
+    fo, fh, fg = run(chunk_fc)
     do, dh, dg = run(dense_fc)
-    check = {"max_abs_err_out": float((fo - do).abs().max()), "max_abs_err_summary": float((fh - dh).abs().max())}
-    if backward:
-        check["max_abs_err_grad"] = max(float((a - b).abs().max()) for a, b in zip(fg, dg) if a is not None)
-    return check
-
-
-def layout_build_times(lengths, block_sizes, repeat: int) -> dict:
-    """Block-layout build on CPU at the full lengths (no dense mask is ever built)."""
-    pattern = AttentionPattern()
-    out = {}
-    for length in lengths:
-        layout = bar_layout(synthetic_song(length), VOCAB, pattern)
-        for bs in block_sizes:
-            out[f"{length}/{bs}"] = timed(lambda: fc_blocks.flex_layout(layout, pattern, bs), "cpu", repeat)
-    return out
+    for x in inputs:
+        x.grad = None
+    return {"max_abs_err_out": float((fo - do).abs().max()), "max_abs_err_summary": float((fh - dh).abs().max()),
+            "max_abs_err_grad": max(float((a - b).abs().max()) for a, b in zip(fg, dg))}
 
 
 def main() -> None:
@@ -182,42 +205,37 @@ def main() -> None:
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="where to run")
     parser.add_argument("--lengths", type=int, nargs="*", help="token counts (default: by device)")
     parser.add_argument("--block-sizes", type=int, nargs="*", default=[128, 64], help="flex block sizes to try")
-    parser.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--flex", action="store_true", help="on CPU also time the compiled flex forward")
+    parser.add_argument("--repeat", type=int, default=3, help="timed repetitions (median; 1 beyond 8,192 tokens)")
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     on_cuda = device == "cuda"
-    lengths = args.lengths or ([15_360, 32_768, 100_000] if on_cuda else [2_048, 4_096, 8_192])
+    lengths = args.lengths or ([15_360, 32_768, 100_000] if on_cuda else [4_096, 16_384, 32_768])
     dtype = torch.bfloat16 if on_cuda else torch.float32
 
-    meta = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if on_cuda else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "dtype": str(dtype),
-        "heads": HEADS,
-        "head_dim": HEAD_DIM,
-        "cpu_threads": torch.get_num_threads(),
-    }
+    meta = describe(device)
+    meta.update(dtype=str(dtype), heads=HEADS, head_dim=HEAD_DIM, command=" ".join(sys.argv))
+    peak = meta["peak_bf16_gflops" if on_cuda else "peak_fp32_gflops"]
+    print(header(meta), flush=True)
     results = {"meta": meta, "lengths": []}
     for length in lengths:
-        results["lengths"].append(bench_length(length, device, dtype, args.block_sizes, on_cuda, args.repeat))
-    results["layout_build_cpu_ms"] = layout_build_times([15_360, 32_768, 100_000], args.block_sizes, args.repeat)
+        results["lengths"].append(bench_length(length, device, dtype, args.block_sizes, args.repeat, args.flex, peak))
+    meta["load_average_after"] = [round(x, 2) for x in __import__("os").getloadavg()]
 
-    print(json.dumps(meta))
-    header = f"{'tokens':>8} {'method':<26} {'fwd ms':>9} {'fwd+bwd ms':>11} {'peak MB':>9} {'build ms':>9} {'err':>9}"
-    print(header)
+    fmt = lambda x, spec=".0f": "-" if x is None else format(x, spec)  # noqa: E731
+    print(header(meta))
+    print("| tokens | method | fwd ms | x causal | fwd+bwd ms | x causal | MFU fwd+bwd | saved for bwd MB | max err |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for entry in results["lengths"]:
         for name, row in entry["rows"].items():
             if "fwd_ms" not in row:
-                print(f"{entry['tokens']:>8} {name:<26} {row}")
+                print(f"| {entry['tokens']:,} | {name} | {row} | | | | | | |")
                 continue
-            fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
             err = max(row.get("max_abs_err_out", 0), row.get("max_abs_err_grad", 0)) if "max_abs_err_out" in row else None
-            print(f"{entry['tokens']:>8} {name:<26} {fmt(row['fwd_ms']):>9} {fmt(row.get('fwd_bwd_ms')):>11} "
-                  f"{fmt(row.get('peak_mb')):>9} {fmt(row.get('layout_build_ms')):>9} {fmt(err):>9}")
-    for key, ms in results["layout_build_cpu_ms"].items():
-        print(f"layout build on CPU, tokens/block {key}: {ms:.1f} ms")
+            print(f"| {entry['tokens']:,} | {name} | {fmt(row['fwd_ms'])} | {fmt(row.get('fwd_x_causal'), '.2f')} | "
+                  f"{fmt(row.get('fwd_bwd_ms'))} | {fmt(row.get('fwd_bwd_x_causal'), '.2f')} | "
+                  f"{fmt(row.get('fwd_bwd_mfu', row.get('fwd_mfu')), '.1%')} | {fmt(row.get('saved_mb'))} | "
+                  f"{fmt(err, '.1e')} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"attention_{device}.json").write_text(json.dumps(results, indent=1))
 

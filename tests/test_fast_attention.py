@@ -221,20 +221,19 @@ def test_flex_refuses_attention_dropout():
 
 
 def test_auto_backend_choice():
-    """'auto' uses dense on CPU with gradients or short songs, flex on CPU for long no-grad forwards."""
+    """'auto' uses the bar chunks on CPU (with or without gradients); flex on CUDA except for dropout."""
     from museformer.attention import AutoBackend, DenseBackend
+    from museformer.bar_chunks import BarChunks
 
     backend, pattern = AutoBackend(), AttentionPattern()
-    short = bar_layout(batch([song([3, 3])]), VOCAB, pattern)
     long = bar_layout(batch([song([100] * 50)]), VOCAB, pattern)
-    assert isinstance(backend.prepare(long, pattern).backend, DenseBackend)  # grad enabled
+    assert isinstance(backend.prepare(long, pattern).state, BarChunks)  # grad enabled
     with torch.no_grad():
-        assert isinstance(backend.prepare(short, pattern).backend, DenseBackend)
-        assert isinstance(backend.prepare(long, pattern).state, fc_blocks.FlexState)
+        assert isinstance(backend.prepare(long, pattern).state, BarChunks)
     # on CUDA: flex, except for training with attention dropout, which flex does not have
-    assert backend.use_flex(on_cuda=True, grad=True, tokens=64)
-    assert not AutoBackend(attention_dropout=0.1).use_flex(on_cuda=True, grad=True, tokens=64)
-    assert AutoBackend(attention_dropout=0.1).use_flex(on_cuda=True, grad=False, tokens=64)
+    assert isinstance(backend.choose(on_cuda=True, grad=True, tokens=64), fc_blocks.FlexBackend)
+    assert isinstance(AutoBackend(attention_dropout=0.1).choose(on_cuda=True, grad=True, tokens=64), DenseBackend)
+    assert isinstance(AutoBackend(attention_dropout=0.1).choose(on_cuda=True, grad=False, tokens=64), fc_blocks.FlexBackend)
 
 
 def test_prefill_through_flex_then_cached_steps_equal_dense():

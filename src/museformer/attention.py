@@ -30,8 +30,11 @@ full forward is chosen by one config string, ``attention_backend``; ``BACKENDS``
 
 - ``"flex"``: the fast path of ``fc_blocks.py`` (block-sparse FlexAttention built from the bar
   boundaries + a segment softmax for summaries). Exact; no attention dropout; no CPU backward.
-- ``"auto"``: ``"flex"`` on CUDA, and on CPU for gradient-free forwards of long songs (where the
-  compiled flex forward is exact and faster); ``"dense"`` otherwise.
+- ``"chunks"``: the bar-chunk path of ``bar_chunks.py`` (each bar's queries read their keys as
+  whole bars, batched by length; coarse summaries in the same softmax). Exact, attention dropout,
+  CPU and GPU backward, memory linear in length.
+- ``"auto"``: ``"chunks"`` on CPU; ``"flex"`` on CUDA, ``"dense"`` there when training needs
+  attention dropout.
 
 A cached step (a few new tokens per song over the cache's slots) uses ``CachedStepBackend``, the same
 interface with mask rows from ``may_attend`` on the slots' tags (``cached_step_masks``); filling an
@@ -51,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from museformer.bar_chunks import BarChunkBackend, BarChunks
 from museformer.fc_blocks import FlexBackend
 from museformer.structure import AttentionPattern, BarLayout, dense_masks, may_attend
 
@@ -168,28 +172,29 @@ class AutoState:
 
 
 class AutoBackend:
-    """``"flex"`` where it is exact and faster, ``"dense"`` elsewhere (decided per batch)."""
+    """The fastest exact backend per device, grad mode and length (decided per batch).
+
+    From the measurements in docs/benchmarks.md: on CPU ``"chunks"`` (exact forward and backward,
+    with attention dropout, linear memory; faster than the dense masks at every length measured);
+    on CUDA ``"flex"``, except for training with attention dropout (flex has none), which keeps
+    ``"dense"`` there (the bar chunks are not measured on a GPU yet).
+    """
 
     name = "auto"
-    # below this many tokens the CPU dense path is as fast and needs no compilation
-    # (docs/benchmarks.md, "Fast attention")
-    cpu_flex_min_tokens = 4096
 
     def __init__(self, attention_dropout: float = 0.0) -> None:
-        self.dense, self.flex = DenseBackend(), FlexBackend()
+        self.dense, self.flex, self.chunks = DenseBackend(), FlexBackend(), BarChunkBackend()
         self.attention_dropout = attention_dropout
 
-    def use_flex(self, on_cuda: bool, grad: bool, tokens: int) -> bool:
-        """Flex on CUDA unless training needs attention dropout (flex has none); on CPU only
-        without gradients (flex has no CPU backward) and for long songs."""
+    def choose(self, on_cuda: bool, grad: bool, tokens: int):
+        """The backend for a batch of ``tokens`` tokens per song."""
         if on_cuda:
-            return not (grad and self.attention_dropout > 0)
-        return not grad and tokens >= self.cpu_flex_min_tokens
+            return self.dense if grad and self.attention_dropout > 0 else self.flex
+        return self.chunks
 
     def prepare(self, layout: BarLayout, pattern: AttentionPattern) -> AutoState:
-        """The state of whichever backend ``use_flex`` picks for this batch."""
-        flex = self.use_flex(layout.token_kind.is_cuda, torch.is_grad_enabled(), layout.token_kind.shape[-1])
-        backend = self.flex if flex else self.dense
+        """The state of whichever backend ``choose`` picks for this batch."""
+        backend = self.choose(layout.token_kind.is_cuda, torch.is_grad_enabled(), layout.token_kind.shape[-1])
         return AutoState(backend, backend.prepare(layout, pattern))
 
     def summarise(self, q_s, k_s, v_s, k_r, v_r, state: AutoState, dropout_p: float) -> torch.Tensor:
@@ -201,7 +206,7 @@ class AutoBackend:
         return state.backend.aggregate(q_r, k2, v2, k_r, v_r, state.state, dropout_p)
 
 
-BACKENDS = {"dense": DenseBackend, "flex": FlexBackend, "auto": AutoBackend}
+BACKENDS = {"dense": DenseBackend, "flex": FlexBackend, "chunks": BarChunkBackend, "auto": AutoBackend}
 
 
 def get_backend(name: str, attention_dropout: float = 0.0):

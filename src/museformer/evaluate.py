@@ -28,9 +28,23 @@ DEFAULT_MAX_LENS = (1024, 5120, 10240)  # the paper's evaluation lengths
 DEFAULT_BATCH_TOKENS = 16_384
 
 
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """Whether ``precision`` means bf16 autocast on ``device``.
+
+    ``"auto"`` picks bf16 where the hardware computes it natively: CUDA, and CPUs with AMX or
+    AVX512-BF16. Elsewhere (e.g. an AVX2-only CPU) bf16 matmuls are emulated, far slower than
+    float32 (docs/benchmarks.md), so ``"auto"`` stays float32 there.
+    """
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast for ``precision="bf16"`` (or ``"auto"`` on CUDA); otherwise float32 (no-op)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """bf16 autocast where ``uses_bf16``; otherwise float32 (no-op)."""
+    if uses_bf16(device, precision):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -53,7 +53,8 @@ class MuseformerConfig:
         bar_embedding_dim: width of the sinusoidal bar-index embedding (paper: 256).
         onset_embedding_dim: width of the sinusoidal onset-id embedding (paper: 128).
         pattern: the attention pattern (fine offsets, summary tokens, fc / full).
-        attention_backend: which attention backend computes the masked attention (``"dense"``).
+        attention_backend: which attention backend computes the attention (``"auto"``: the fastest
+            exact one per device, see ``attention.AutoBackend``).
     """
 
     vocab: str = "lmd6remi"
@@ -67,7 +68,7 @@ class MuseformerConfig:
     bar_embedding_dim: int = 256
     onset_embedding_dim: int = 128
     pattern: AttentionPattern = field(default_factory=AttentionPattern)
-    attention_backend: str = "dense"
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.pattern, dict):

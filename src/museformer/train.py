@@ -87,7 +87,7 @@ class TrainConfig:
         val_max_songs: evaluate on the first N validation songs only (None = all).
         keep_checkpoints: how many resumable checkpoints to keep (the newest).
         device: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N".
-        precision: "auto" (bf16 autocast on CUDA, float32 on CPU), "bf16" or "fp32".
+        precision: "auto" (bf16 autocast on CUDA and on CPUs with native bf16, else float32), "bf16" or "fp32".
         compile: wrap the model in ``torch.compile``.
         tensorboard: also write TensorBoard events when the ``tensorboard`` package is installed.
         progress: show a progress bar (rank 0 only).
