@@ -441,7 +441,6 @@ def _evaluate(args) -> int:
         return _evaluate_structure(args)
     if args.checkpoint is None or args.data_dir is None:
         raise MuseformerError("give CHECKPOINT DATA_DIR")
-    from museformer import analysis
     from museformer.evaluate import evaluate_perplexity
 
     check_output(args.output, "file", (".json",))
@@ -451,10 +450,7 @@ def _evaluate(args) -> int:
         print(f"max_len {r['max_len']:>6}: perplexity {r['perplexity']:.4f} "
               f"(mean NLL {r['mean_nll']:.4f} over {r['tokens']:,} tokens, {report['songs']} songs; "
               f"unigram baseline {r['unigram_perplexity']:.2f})")
-    if args.output:
-        analysis.write_json(args.output, report)
-        print(f"wrote {args.output}")
-    return 0
+    return _write_report(args.output, report)
 
 
 def add_evaluate_structure(sub) -> None:
@@ -479,9 +475,16 @@ def _evaluate_structure(args) -> int:
                                          workers=args.workers, preset=args.tokenizer_preset,
                                          progress=not args.quiet, only=args.only)
     print(analysis.format_table(report))
-    if args.output:
-        analysis.write_json(args.output, report)
-        print(f"wrote {args.output}")
+    return _write_report(args.output, report)
+
+
+def _write_report(output: str | None, report: dict) -> int:
+    """The ``-o`` JSON of an evaluation command (when given)."""
+    from museformer import analysis
+
+    if output:
+        analysis.write_json(output, report)
+        print(f"wrote {output}")
     return 0
 
 
