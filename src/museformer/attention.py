@@ -69,7 +69,7 @@ def transposed_weight(owner: nn.Module, *weights: torch.Tensor) -> torch.Tensor:
     of the returned view multiplies by the contiguous transposed matrix (one call, no reshapes).
     Used only without autograd (the cached copy is a constant).
     """
-    key = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
+    key = [(w.data_ptr(), w._version, w.dtype) for w in weights]
     cached = owner.__dict__.get("_transposed_cache")
     if cached is None or cached[0] != key:
         with torch.no_grad():
