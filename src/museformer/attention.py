@@ -64,31 +64,26 @@ from museformer.structure import AttentionPattern, BarLayout, dense_masks, may_a
 # =============================================================================================
 def transposed_weight(owner: nn.Module, *weights: torch.Tensor) -> torch.Tensor:
     """The ``(out, in)`` weights concatenated along ``out`` and stored transposed ``(in, sum out)``,
-    cached on ``owner`` until any of them changes (their storage or version counter).
+    returned as its ``(sum out, in)`` view (column-major), cached on ``owner`` until any of them
+    changes (their storage or version counter).
 
     A decoding step multiplies a few rows by every weight matrix and is bound by reading them; on
-    CPU ``addmm`` reads this layout faster than ``F.linear`` reads ``(out, in)`` (about 12 % here,
-    docs/benchmarks.md), and one fused Q/K/V product reads the input once. Used only without
-    autograd (the cached copy is a constant).
+    CPU ``addmm`` reads the transposed layout faster than ``F.linear`` reads ``(out, in)`` (about
+    12 % here, docs/benchmarks.md), and one fused Q/K/V product reads the input once. ``F.linear``
+    of the returned view multiplies by the contiguous transposed matrix (one call, no reshapes).
+    Used only without autograd (the cached copy is a constant).
     """
-    key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+    key = [(w.data_ptr(), w._version, w.dtype) for w in weights]
     cached = owner.__dict__.get("_transposed_cache")
     if cached is None or cached[0] != key:
         with torch.no_grad():
-            cached = (key, torch.cat([w.detach() for w in weights]).t().contiguous())
+            cached = (key, torch.cat([w.detach() for w in weights]).t().contiguous().t())
         owner.__dict__["_transposed_cache"] = cached
     return cached[1]
 
 
 def _use_transposed(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and x.device.type == "cpu"
-
-
-def rows_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ weight_t + bias`` for ``x (..., in)`` and a ``transposed_weight`` ``(in, out)``."""
-    rows = x.reshape(-1, x.shape[-1])
-    y = torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
-    return y.view(*x.shape[:-1], weight_t.shape[1])
 
 
 class Linear(nn.Linear):
@@ -98,7 +93,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _use_transposed(x):
-            return rows_linear(x, transposed_weight(self, self.weight), self.bias)
+            return F.linear(x, transposed_weight(self, self.weight), self.bias)
         return super().forward(x)
 
 
@@ -226,19 +221,20 @@ def get_backend(name: str, attention_dropout: float = 0.0):
 class CachedStepMasks:
     """The mask rows of a cached forward, from ``structure.may_attend`` on the slots' tags.
 
-    Additive float masks (0 = may attend, -inf = may not), so a step adds them to its scores; rows
-    that may read nothing read everything instead and their output is zeroed (``*_empty``, None
-    when there are none), as in ``DenseStepMask``. ``regular_to_regular`` is a view of
-    ``regular_row`` ``(B, 1, Tq, C)``, as wide as the cache, so that ``extended`` can add a slot.
+    Additive float masks (0 = may attend, -inf = may not), one row per song, head and query (the
+    ``(B * H)`` axis of the attention's ``bmm``), so a step folds them into its score products;
+    rows that may read nothing read everything instead and their output is zeroed (``*_empty``,
+    None when there are none), as in ``DenseStepMask``. ``regular_to_regular`` is a view of
+    ``regular_row`` ``(B * H, Tq, C)``, as wide as the cache, so that ``extended`` can add a slot.
     """
 
-    regular_to_summary: torch.Tensor  # (B, 1, Tq, Ns)
-    regular_to_regular: torch.Tensor  # (B, 1, Tq, N)
+    regular_to_summary: torch.Tensor  # (B * H, Tq, Ns)
+    regular_to_regular: torch.Tensor  # (B * H, Tq, N)
     regular_empty: torch.Tensor | None  # (B, 1, Tq, 1)
-    summary_to_summary: torch.Tensor | None  # (B, 1, Sq, Sq): the new summaries among themselves
-    summary_to_regular: torch.Tensor | None  # (B, 1, Sq, N)
-    summary_empty: torch.Tensor | None  # (B, 1, Sq, 1)
-    regular_row: torch.Tensor | None = None  # (B, 1, Tq, C)
+    summary_to_summary: torch.Tensor | None  # (R * H, Sq, Sq): the new summaries among themselves
+    summary_to_regular: torch.Tensor | None  # (R * H, Sq, N)
+    summary_empty: torch.Tensor | None  # (R, 1, Sq, 1)
+    regular_row: torch.Tensor | None = None  # (B * H, Tq, C)
     summary_songs: torch.Tensor | None = None  # (R,) the songs the Sq summary rows belong to
 
     def extended(self, new_slots: torch.Tensor, n: int) -> CachedStepMasks:
@@ -250,74 +246,77 @@ class CachedStepMasks:
         run again inside a bar (the cache decides when this holds; the tests compare the logits).
 
         Args:
-            new_slots: ``(B,)`` flat indices ``b * C + slot`` of each song's new slot.
+            new_slots: ``(B * H,)`` flat indices ``(b * H + h) * C + slot`` of each song's new
+                slot (the cache's K/V write indices, which address ``regular_row`` alike).
             n: slots in use after this step.
         """
         self.regular_row.view(-1).index_fill_(0, new_slots, 0.0)
         return dataclasses.replace(self, regular_to_regular=self.regular_row[..., :n])
 
 
-def _bias(*allowed: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Additive masks from bool masks ``(B, Q, K_i)`` that together form each query's row."""
+def _bias(heads: int, *allowed: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Additive masks ``(B * H, Q, K_i)`` from bool masks ``(B, Q, K_i)`` that together form each
+    query's row, and the ``(B, 1, Q, 1)`` rows that may read nothing (None when there are none)."""
     empty = ~torch.stack([a.any(dim=-1) for a in allowed]).any(dim=0)[..., None]  # (B, Q, 1)
     has_empty = bool(empty.any())
     biases = []
     for a in allowed:
         if has_empty:
             a = a | empty
-        biases.append(torch.zeros(a.shape, dtype=torch.float32, device=a.device).masked_fill_(~a, float("-inf"))[:, None])
+        B, Q, K = a.shape
+        bias = torch.zeros((B, heads, Q, K), dtype=torch.float32, device=a.device)
+        biases.append(bias.masked_fill_(~a[:, None], float("-inf")).view(B * heads, Q, K))
     return biases, (empty[:, None] if has_empty else None)
 
 
-def cached_step_masks(query, summary_query, slots, summary_slots, pattern: AttentionPattern,
+def cached_step_masks(query, summary_query, slots, summary_slots, pattern: AttentionPattern, heads: int,
                       capacity: int = 0, summary_songs: torch.Tensor | None = None) -> CachedStepMasks:
     """The mask rows of one cached forward, all from ``may_attend``.
 
     Args:
         query: ``(kind, bar, pos)`` of the new regular tokens, each ``(B, Tq)``.
-        summary_query: the same for the new summaries ``(B, Sq)`` (None when no bar closes).
+        summary_query: the same for the new summaries ``(R, Sq)`` (None when no bar closes).
         slots, summary_slots: the cache's regular / summary slot tags, each ``(B, N)`` / ``(B, Ns)``.
+        heads: H, attention heads (the masks have one row per song and head).
         capacity: C, the cache's regular capacity (the width of ``regular_row``; 0 = N).
-        summary_songs: ``(R,)`` the songs of the summary rows (``summary_query`` is ``(R, Sq)``).
+        summary_songs: ``(R,)`` the songs of the summary rows (None: all B songs).
     """
     def rows(q, k):  # (B, Q) x (B, K) -> (B, Q, K)
         return may_attend(*(x[..., None] for x in q), *(x[:, None, :] for x in k), pattern)
 
-    (to_summary, to_regular), empty = _bias(rows(query, summary_slots), rows(query, slots))
-    n = to_regular.shape[-1]
-    row = torch.full((*to_regular.shape[:-1], max(capacity, n)), float("-inf"), device=to_regular.device)
+    (to_summary, to_regular), empty = _bias(heads, rows(query, summary_slots), rows(query, slots))
+    BH, Tq, n = to_regular.shape
+    row = torch.full((BH, Tq, max(capacity, n)), float("-inf"), device=to_regular.device)
     row[..., :n] = to_regular
     if summary_query is None:
         return CachedStepMasks(to_summary, row[..., :n], empty, None, None, None, row)
     song_slots = slots if summary_songs is None else tuple(x.index_select(0, summary_songs) for x in slots)
-    (s_to_s, s_to_r), s_empty = _bias(rows(summary_query, summary_query), rows(summary_query, song_slots))
+    (s_to_s, s_to_r), s_empty = _bias(heads, rows(summary_query, summary_query), rows(summary_query, song_slots))
     return CachedStepMasks(to_summary, row[..., :n], empty, s_to_s, s_to_r, s_empty, row, summary_songs)
 
 
 def _two_part_attend(q, k_a, v_a, bias_a, k_b, v_b, bias_b, empty) -> torch.Tensor:
     """One softmax over two key sets without concatenating them (they are cache buffers).
 
-    The cache's buffers are sliced views ``(B, H, N, Dh)`` of ``(B, H, C, Dh)``: (B, H) merge into
-    one batch axis without a copy, so ``bmm`` reads them in place (``torch.matmul`` on the 4-d
-    views copied the whole slice every call: 10x slower at batch 64).
+    Keys and values come as ``(B * H, L, Dh)``: the cache hands out such views of its buffers
+    (``bmm`` reads them in place; ``torch.matmul`` on 4-d views of the buffers copied the whole
+    slice every call: 10x slower at batch 64); new tokens' ``(B, H, L, Dh)`` are flattened here.
+    Scale, score product and mask are one ``baddbmm`` per key set.
 
-    Shapes: q ``(B, H, Q, Dh)``, k/v ``(B, H, A|N, Dh)``, bias ``(B, 1, Q, A|N)`` -> ``(B, H, Q, Dh)``.
+    Shapes: q ``(B, H, Q, Dh)``, k/v ``(B * H, A|N, Dh)``, bias ``(B * H, Q, A|N)`` -> ``(B, H, Q, Dh)``.
     """
     B, H, Q, Dh = q.shape
-    width = k_a.shape[2]
-
-    def flat(x):  # (B, H, L, E) -> (B * H, L, E), a view for the cache's slices
-        return x.reshape(B * H, x.shape[2], x.shape[3])
-
-    q = flat(q * Dh**-0.5)
-    scores_b = torch.bmm(q, flat(k_b).transpose(1, 2)).view(B, H, Q, -1).add_(bias_b)  # (B, H, Q, N)
+    q = q.reshape(B * H, Q, Dh)
+    k_a, v_a, k_b, v_b = (x.flatten(0, -3) for x in (k_a, v_a, k_b, v_b))  # (B * H, L, Dh)
+    scale = Dh**-0.5
+    scores_b = torch.baddbmm(bias_b, q, k_b.transpose(1, 2), alpha=scale)  # (B * H, Q, N)
+    width = k_a.shape[1]
     if width:
-        scores_a = torch.bmm(q, flat(k_a).transpose(1, 2)).view(B, H, Q, -1).add_(bias_a)  # (B, H, Q, A)
-        weights = torch.softmax(torch.cat([scores_a, scores_b], dim=-1), dim=-1)  # (B, H, Q, A + N)
-        w_a, w_b = weights[..., :width], weights[..., width:]
-        out = torch.baddbmm(torch.bmm(flat(w_a), flat(v_a)), flat(w_b), flat(v_b))
+        scores_a = torch.baddbmm(bias_a, q, k_a.transpose(1, 2), alpha=scale)  # (B * H, Q, A)
+        weights = torch.softmax(torch.cat([scores_a, scores_b], dim=-1), dim=-1)  # (B * H, Q, A + N)
+        out = torch.baddbmm(torch.bmm(weights[..., :width], v_a), weights[..., width:], v_b)
     else:
-        out = torch.bmm(flat(torch.softmax(scores_b, dim=-1)), flat(v_b))
+        out = torch.bmm(torch.softmax(scores_b, dim=-1), v_b)
     out = out.view(B, H, Q, Dh)
     return out if empty is None else out.masked_fill(empty, 0.0)
 
@@ -325,8 +324,9 @@ def _two_part_attend(q, k_a, v_a, bias_a, k_b, v_b, bias_b, empty) -> torch.Tens
 class CachedStepBackend:
     """The attention steps of a cached forward: new queries over the cache's slots, masked by
     ``CachedStepMasks``. No concatenation of cache buffers: one softmax over two score blocks.
-    Same ``summarise`` / ``aggregate`` interface as the backends above (no dropout: decoding is
-    in eval mode)."""
+    Same ``summarise`` / ``aggregate`` interface as the backends above, except that the cache's
+    slots come as ``(B * H, N, Dh)`` views (``cache.LayerCache``); no dropout (decoding is in eval
+    mode)."""
 
     name = "cached"
 
@@ -334,7 +334,8 @@ class CachedStepBackend:
         """New summaries over themselves + the cached regular slots of their bar (only the songs
         that close a bar: ``state.summary_songs``)."""
         if state.summary_songs is not None:
-            k_r, v_r = k_r.index_select(0, state.summary_songs), v_r.index_select(0, state.summary_songs)
+            H = q_s.shape[1]
+            k_r, v_r = (x.unflatten(0, (-1, H)).index_select(0, state.summary_songs) for x in (k_r, v_r))
         return _two_part_attend(q_s, k_s, v_s, state.summary_to_summary, k_r, v_r, state.summary_to_regular,
                                 state.summary_empty)
 
@@ -394,8 +395,8 @@ class FCAttention(nn.Module):
     def _project(self, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if _use_transposed(x):  # one fused Q/K/V product over a cached transposed weight
             B, L, _ = x.shape
-            w = transposed_weight(self, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)  # (D, 3D)
-            qkv = rows_linear(x, w, bias.reshape(-1)).view(B, L, 3, self.n_heads, self.d_head)
+            w = transposed_weight(self, self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)  # (3D, D)
+            qkv = F.linear(x, w, bias.view(-1)).view(B, L, 3, self.n_heads, self.d_head)
             return tuple(t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x (B, H, L, Dh)
         q = self._heads(F.linear(x, self.q_proj.weight, bias[0]))  # (B, L, D) -> (B, H, L, Dh)
         k = self._heads(F.linear(x, self.k_proj.weight, bias[1]))

@@ -62,8 +62,11 @@ class CacheStep:
             when no bar closes).
         slots, summary_slots: tags of the slots the queries may read (cached steps).
         same_bar: one token per song, each in the same bar as the previous step's (a cached
-            step whose mask rows are the previous ones plus the new slots: ``masks`` holds them).
-        new_slots: ``(B,)`` flat ``b * C + slot`` of each song's new slot (cached steps).
+            step whose mask rows are the previous ones plus the new slots: ``masks`` holds them;
+            ``slots`` / ``summary_slots`` are then None, the rows need no tags).
+        new_slots: ``(B * H,)`` flat ``(b * H + h) * C + slot`` of each song's new slot (cached
+            steps of one token per song).
+        width: N, the regular slots the queries read (cached steps).
         summary_songs: ``(R,)`` the songs whose bars close in a cached step; the summary stream
             (``summary_bar``, ``summary_query``: ``(R, Sq)``) has rows for them only.
     """
@@ -79,10 +82,16 @@ class CacheStep:
     same_bar: bool = False
     new_slots: torch.Tensor | None = None
     summary_songs: torch.Tensor | None = None
+    width: int = 0
 
 
 class LayerCache:
-    """One layer's view of an ``FCCache`` during a forward (what ``FCAttention.forward`` calls)."""
+    """One layer's view of an ``FCCache`` during a forward (what ``FCAttention.forward`` calls).
+
+    In a cached step the slots come back as ``(B * H, N, Dh)`` views of the buffers (what
+    ``attention.CachedStepBackend`` reads); filling an empty cache returns the forward's own
+    ``(B, H, Tq, Dh)`` tensors to the model's backend.
+    """
 
     def __init__(self, cache: FCCache, index: int) -> None:
         self.cache, self.index = cache, index
@@ -91,21 +100,32 @@ class LayerCache:
         """Store the new tokens' K/V; returns what the queries read.
 
         Shapes: k/v ``(B, H, Tq, Dh)`` -> ``(B, H, Tq, Dh)`` (filling an empty cache: the forward's
-        own) or ``(B, H, N, Dh)`` (a cached step: the slots in use, a view of the buffer).
+        own) or ``(B * H, N, Dh)`` (a cached step: the slots in use, a view of the buffer).
         """
         c = self.cache
-        return c._write(c.keys[self.index], c.values[self.index], k, v, c._slots, c._n)
+        if c._filling:
+            L = k.shape[2]
+            c.keys[self.index][:, :, :L], c.values[self.index][:, :, :L] = k, v
+            return k, v
+        return c._write(c._regular_views[self.index], k, v, c._slots, c._n)
 
     def update_summary(self, k2: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new summaries' key2/value2; returns what the regular queries read (as above)."""
         c = self.cache
-        return c._write(c.summary_keys[self.index], c.summary_values[self.index], k2, v2, c._summary_slots, c._ns)
+        if c._filling:
+            S = k2.shape[2]
+            c.summary_keys[self.index][:, :, :S], c.summary_values[self.index][:, :, :S] = k2, v2
+            return k2, v2
+        return c._write(c._summary_views[self.index], k2, v2, c._summary_slots, c._ns)
 
     def summaries(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The summary slots the queries read when this forward adds none: ``(B, H, Ns, Dh)``."""
+        """The summary slots the queries read when this forward adds none: ``(B * H, Ns, Dh)``
+        (filling an empty cache: ``(B, H, 0, Dh)``)."""
         c = self.cache
-        n = 0 if c._filling else c._ns
-        return c.summary_keys[self.index][:, :, :n], c.summary_values[self.index][:, :, :n]
+        if c._filling:
+            return c.summary_keys[self.index][:, :, :0], c.summary_values[self.index][:, :, :0]
+        keys, values, _, _ = c._summary_views[self.index]
+        return keys[:, : c._ns], values[:, : c._ns]
 
 
 class FCCache:
@@ -135,6 +155,25 @@ class FCCache:
         self.keys, self.values, (self.kind, self.bar, self.pos), self.used = self._empty(max(capacity, MIN_CAPACITY))
         (self.summary_keys, self.summary_values, (self.summary_kind, self.summary_bar, self.summary_pos),
          self.summary_used) = self._empty(summary_capacity)
+        self._layers = [LayerCache(self, i) for i in range(c.n_layers)]
+        self._views()
+
+    def _views(self) -> None:
+        """Views and indices a step reuses until the buffers are replaced (grow, evict, select):
+        per layer the buffers as ``(B * H, C, Dh)`` (what attention reads) and ``(B * H * C, Dh)``
+        rows (what a write fills), the tags flat ``(B * C,)``, and the flat index bases."""
+        L, B, H, Dh = self.shape
+        def views(keys, values):  # per layer: (B, H, C, Dh) -> (B * H, C, Dh) and (B * H * C, Dh)
+            C = keys.shape[-2]
+            return [(k.view(B * H, C, Dh), v.view(B * H, C, Dh), k.view(B * H * C, Dh), v.view(B * H * C, Dh))
+                    for k, v in zip(keys, values)]
+
+        self._regular_views = views(self.keys, self.values)
+        self._summary_views = views(self.summary_keys, self.summary_values)
+        self._tags_flat = (self.kind.view(-1), self.bar.view(-1), self.pos.view(-1))  # (B * C,) each
+        songs = torch.arange(B, device=self.device)
+        self._row_base = songs * self.capacity  # (B,)  b * C
+        self._head_base = (songs[:, None] * H + torch.arange(H, device=self.device)) * self.capacity  # (B, H)
 
     def _empty(self, capacity: int):
         L, B, H, Dh = self.shape
@@ -155,7 +194,7 @@ class FCCache:
 
     def layer(self, index: int) -> LayerCache:
         """The view ``FCAttention`` of layer ``index`` reads and writes."""
-        return LayerCache(self, index)
+        return self._layers[index]
 
     # -- one forward ----------------------------------------------------------------------------
     def begin(self, ids: torch.Tensor) -> CacheStep:
@@ -167,6 +206,10 @@ class FCCache:
         B, Tq = ids.shape
         if B != self.batch_size:
             raise ValueError(f"the cache holds {self.batch_size} songs, got ids for {B}")
+        if self.started and Tq == 1:
+            step = self._begin_one(ids)
+            if step is not None:
+                return step
         real = ids != PAD_ID
         is_end = (ids == self.vocab.bar_id) & real if self.pattern.has_summaries else torch.zeros_like(real)
         closes = is_end.sum(dim=1)  # (B,)
@@ -190,7 +233,6 @@ class FCCache:
         rows = torch.arange(B, device=ids.device)[:, None]  # (B, 1)
         kind = torch.where(real, int(SlotKind.REGULAR), int(SlotKind.PAD))
         query = (kind, bars, positions)
-        slots_before = self.used
         slots = self.used[:, None] + torch.arange(Tq, device=ids.device)  # (B, Tq)
         self._slots = self._flat(slots, self.capacity)
         self._n = int(self.used.max()) + Tq
@@ -221,29 +263,54 @@ class FCCache:
         same_bar = (Tq == 1 and not Sq and self.masks is not None and self._last_bars is not None
                     and torch.equal(bars, self._last_bars))
         self._last_bars = bars if Tq == 1 else None
-        new_slots = self._new_slots(slots_before, Tq)
+        new_slots = self._slots if Tq == 1 else None
         return CacheStep(bars, onsets, summary_bar, None, query, summary_query, slots, summary_slots, same_bar, new_slots,
-                         summary_songs)
+                         summary_songs, n)
 
-    def _new_slots(self, used_before: torch.Tensor, tokens: int) -> torch.Tensor | None:
-        if tokens != 1:
-            return None
-        return torch.arange(self.batch_size, device=used_before.device) * self.capacity + used_before
+    def _begin_one(self, ids: torch.Tensor) -> CacheStep | None:
+        """``begin`` for one token per song that closes no bar and fits (a decoding step inside
+        a bar, the common case): the same tags and slots in a few vectorised ops, with the width
+        ``N`` kept on the host (an upper bound of the slots in use: slots past a song's own are
+        PAD and masked). Returns None where the general path is needed."""
+        token = ids[:, 0]  # (B,)
+        real = token != PAD_ID
+        if self.pattern.has_summaries and bool(((token == self.vocab.bar_id) & real).any()):
+            return None  # a bar closes: summaries to add
+        if self._n + 1 > self.capacity:
+            return None  # room to make (evict / grow)
+        self._filling = False
+        bars, onsets, positions = self.tracker.advance(ids)  # (B, 1) each
+        kind = torch.where(real, int(SlotKind.REGULAR), int(SlotKind.PAD))  # (B,)
+        used = self.used
+        self._slots = (self._head_base + used[:, None]).view(-1)  # (B * H,) rows of the K/V buffers
+        rows = self._row_base + used  # (B,) flat tag slots
+        for tags, new in zip(self._tags_flat, (kind, bars[:, 0], positions[:, 0])):
+            tags.index_copy_(0, rows, new)
+        self.used = used + real
+        self._n += 1
+        n, ns = self._n, self._ns
+        same_bar = self.masks is not None and self._last_bars is not None and torch.equal(bars, self._last_bars)
+        self._last_bars = bars
+        slots = summary_slots = None
+        if not same_bar:
+            slots = (self.kind[:, :n], self.bar[:, :n], self.pos[:, :n])
+            summary_slots = (self.summary_kind[:, :ns], self.summary_bar[:, :ns], self.summary_pos[:, :ns])
+        return CacheStep(bars, onsets, bars[:, :0], None, (kind[:, None], bars, positions), None, slots, summary_slots,
+                         same_bar, self._slots, None, n)
 
-    def _write(self, keys, values, k, v, slots, n):
-        """Write new K/V ``(B, H, L, Dh)`` into a layer's buffers ``(B, H, C, Dh)``; return what is read.
+    @staticmethod
+    def _write(views, k, v, slots, n):
+        """Write new K/V ``(B, H, L, Dh)`` into a layer's buffers; return the slots read,
+        ``(B * H, N, Dh)`` views.
 
         ``slots`` are flat row indices into the buffer seen as ``(B * H * C, Dh)`` (``_flat``), so
         a write is one ``index_copy_`` (the same indices serve every layer of the forward).
         """
-        if self._filling:
-            L = k.shape[2]
-            keys[:, :, :L], values[:, :, :L] = k, v
-            return k, v
+        keys, values, key_rows, value_rows = views
         Dh = k.shape[-1]
-        keys.view(-1, Dh).index_copy_(0, slots, k.reshape(-1, Dh))  # (B * H * L, Dh) rows
-        values.view(-1, Dh).index_copy_(0, slots, v.reshape(-1, Dh))
-        return keys[:, :, :n], values[:, :, :n]
+        key_rows.index_copy_(0, slots, k.reshape(-1, Dh))  # (B * H * L, Dh) rows
+        value_rows.index_copy_(0, slots, v.reshape(-1, Dh))
+        return keys[:, :n], values[:, :n]
 
     def _flat(self, slots: torch.Tensor, capacity: int, songs: torch.Tensor | None = None) -> torch.Tensor:
         """Flat rows ``(R * H * L,)`` of slots ``(R, L)`` of some songs (default: all, in order) in a
@@ -286,6 +353,7 @@ class FCCache:
                 new[:, :n] = old
             self.summary_keys, self.summary_values = keys, values
             self.summary_kind, self.summary_bar, self.summary_pos = tags
+        self._views()
 
     def evict(self, current_bar: torch.Tensor) -> int:
         """Drop regular slots no query will read again, packing the rest to the front (in order).
@@ -312,6 +380,8 @@ class FCCache:
         self.kind = torch.where(in_use, self.kind.gather(1, order), int(SlotKind.PAD))
         self.bar = torch.where(in_use, self.bar.gather(1, order), 0)
         self.pos = torch.where(in_use, self.pos.gather(1, order), -1)
+        self._n = int(self.used.max())
+        self._views()
         return dropped
 
     def select(self, rows: torch.Tensor) -> None:
@@ -325,6 +395,7 @@ class FCCache:
         self.tracker.select(rows)
         L, _, H, Dh = self.shape
         self.shape = (L, rows.numel(), H, Dh)
+        self._views()
 
 
 # =============================================================================================

@@ -372,10 +372,10 @@ class Museformer(nn.Module):
                 state = backend.prepare(step.layout, pattern)
             else:  # a cached step: mask rows from the one predicate on the slots' tags
                 if step.same_bar:  # inside a bar: the previous rows plus the new slots
-                    state = cache.masks.extended(step.new_slots, step.slots[0].shape[1])
+                    state = cache.masks.extended(step.new_slots, step.width)
                 else:
                     state = cached_step_masks(step.query, step.summary_query, step.slots, step.summary_slots,
-                                              pattern, cache.capacity, step.summary_songs)
+                                              pattern, self.config.n_heads, cache.capacity, step.summary_songs)
                 cache.masks = state
                 backend = CACHED_STEP
 
