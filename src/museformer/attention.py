@@ -181,15 +181,15 @@ class AutoBackend:
         self.dense, self.flex, self.chunks = DenseBackend(), FlexBackend(), BarChunkBackend()
         self.attention_dropout = attention_dropout
 
-    def choose(self, on_cuda: bool, grad: bool, tokens: int):
-        """The backend for a batch of ``tokens`` tokens per song."""
+    def choose(self, on_cuda: bool, grad: bool):
+        """The backend for a batch on this device and grad mode (the chunks win at every CPU length measured)."""
         if on_cuda:
             return self.dense if grad and self.attention_dropout > 0 else self.flex
         return self.chunks
 
     def prepare(self, layout: BarLayout, pattern: AttentionPattern) -> AutoState:
         """The state of whichever backend ``choose`` picks for this batch."""
-        backend = self.choose(layout.token_kind.is_cuda, torch.is_grad_enabled(), layout.token_kind.shape[-1])
+        backend = self.choose(layout.token_kind.is_cuda, torch.is_grad_enabled())
         return AutoState(backend, backend.prepare(layout, pattern))
 
     def summarise(self, q_s, k_s, v_s, k_r, v_r, state: AutoState, dropout_p: float) -> torch.Tensor:
