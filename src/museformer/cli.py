@@ -654,11 +654,33 @@ def _render(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# studio (the web page; needs the studio extra, imported only when the command runs)
+# ---------------------------------------------------------------------------------------------
+def add_studio(sub) -> None:
+    p = sub.add_parser("studio", help="a local web page to make, see and hear songs (needs the studio extra)",
+                       description="Start the studio: a web server on this machine; open the printed URL in a "
+                       "browser. Nothing is fetched from the internet. Needs: pip install 'museformer[studio]'.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free port)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
+                   help="also offer this checkpoint or training run folder (repeatable; the first is the default)")
+    add_output(p, "dir", "folder the songs are written to", default="studio-songs")
+    add_device(p)
+    p.set_defaults(handler=_studio)
+
+
+def _studio(args) -> int:
+    from museformer.studio.app import serve
+    from museformer.train import resolve_device
+
+    check_output(args.output, "dir")
+    serve(args.host, args.port, args.checkpoint, args.output, device=str(resolve_device(args.device)))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
 COMMANDS = (add_encode, add_decode, add_prepare, add_pattern, add_train, add_evaluate, add_evaluate_structure,
-            add_analyze, add_generate, add_render)
+            add_analyze, add_generate, add_render, add_studio)
 
 
 def build_parser() -> argparse.ArgumentParser:
