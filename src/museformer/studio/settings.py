@@ -244,16 +244,17 @@ def parse_generate_request(body: Any, models: list[ModelChoice], tokenizer_of) -
         if not 1 <= bars <= MAX_BARS:
             raise ParameterError("form", f"the plan has {bars} bars; at most {MAX_BARS}")
         form = " ".join(form.split())
+    options = dict(
+        temperature=temperature,
+        top_k=_integer(body, "top_k", 0, 100_000, SampleConfig.top_k),
+        top_p=_number(body, "top_p", 1.0),
+        seed=_integer(body, "seed", 0, 2**31 - 1, optional=True),
+        max_bars=bars,
+        instruments=_instruments(body.get("instruments")),
+        tempo=_number(body, "tempo", None, optional=True),
+    )
     try:
-        config = SampleConfig(
-            temperature=temperature,
-            top_k=_integer(body, "top_k", 0, 100_000, SampleConfig.top_k),
-            top_p=_number(body, "top_p", 1.0),
-            seed=_integer(body, "seed", 0, 2**31 - 1, optional=True),
-            max_bars=bars,
-            instruments=_instruments(body.get("instruments")),
-            tempo=_number(body, "tempo", None, optional=True),
-        )
+        config = SampleConfig(**options)
     except MuseformerError as e:
         # SampleConfig says "invalid sampling option: top_p must be ..."; name the field alone
         text = str(e).removeprefix("invalid sampling option: ")
