@@ -35,6 +35,7 @@ from museformer.tokenizer import Tokenizer  # noqa: E402
 DATA = Path(__file__).parent / "data"
 TOKENIZER = Tokenizer.preset("lmd6")
 SONG = {"bars": 4, "tempo": 120, "seed": 3}
+SHORT = {"bars": 2, "tempo": 120, "seed": 3}  # where the length does not matter: less CPU
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,21 +140,21 @@ def test_progress_is_live_over_http(client, gate, no_fluidsynth):
 
 def test_a_second_generate_while_busy_is_refused(client, studio, gate, no_fluidsynth):
     """A second request while a job runs gets 409 with a 'busy' message; the first job finishes; then a new one starts."""
-    job = start(client, **SONG)
+    job = start(client, **SHORT)
     assert gate.reached.wait(60)
-    second = client.post("/api/generate", json=SONG)
+    second = client.post("/api/generate", json=SHORT)
     assert second.status_code == 409 and second.json()["error"].startswith("busy: job 1")
     assert client.get("/api/info").json()["busy"]["id"] == job["id"]
     gate.release.set()
     assert wait(client, job["id"])["state"] == "done"
-    third = start(client, **SONG)
+    third = start(client, **SHORT)
     assert third["id"] == 2 and wait(client, 2)["state"] == "done"
     assert len(client.get("/api/songs").json()["songs"]) == 2
 
 
 def test_stop_leaves_no_file(client, studio, gate, no_fluidsynth):
     """A stopped job ends 'cancelled', and no file of its songs is left in the folder."""
-    job = start(client, **SONG)
+    job = start(client, **SHORT)
     assert gate.reached.wait(60)
     assert client.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
     gate.release.set()
@@ -165,7 +166,7 @@ def test_stop_leaves_no_file(client, studio, gate, no_fluidsynth):
 def test_a_browser_that_goes_away_changes_nothing(studio, gate, no_fluidsynth):
     """A client that closes mid-generation leaves the job running; a new client finds the finished song."""
     with TestClient(create_app(studio)) as first:
-        job = start(first, **SONG)
+        job = start(first, **SHORT)
         assert gate.reached.wait(60)
     gate.release.set()
     with TestClient(create_app(studio)) as second:
@@ -223,10 +224,13 @@ def test_prompt_bars_that_fill_the_song_are_refused(client):
     ({"model": "nope"}, "model"),
     ({"loudness": 11}, "loudness"),
     ({"prompt_bars": 2}, "prompt_bars"),
-    ({"form": "A8 A8"}, "form"),  # this museformer has no form plans
+    ({"form": "A8 A8"}, "form"),  # form plans are made unavailable below
 ])
-def test_absurd_settings_are_one_clear_message(client, studio, settings, field):
+def test_absurd_settings_are_one_clear_message(client, studio, settings, field, monkeypatch):
     """Each bad setting is a 400 whose JSON names the field; no job starts; the server keeps serving."""
+    import museformer.studio.features
+
+    monkeypatch.setattr(museformer.studio.features, "form_supported", lambda: False)
     r = client.post("/api/generate", json=settings)
     assert r.status_code == 400, r.text
     assert r.json()["field"] == field and r.json()["error"].startswith(field + ":")
@@ -243,7 +247,7 @@ def test_a_body_that_is_not_settings_is_refused(client, body):
 # -- files -------------------------------------------------------------------------------------
 def test_wav_is_offered_when_fluidsynth_renders(client, fake_fluidsynth):
     """With FluidSynth (simulated), the song has a WAV, served as audio/wav and named in the sidecar."""
-    job = wait(client, start(client, **SONG)["id"])
+    job = wait(client, start(client, **SHORT)["id"])
     name = job["songs"][0]
     sidecar = client.get(f"/api/songs/{name}.json").json()
     assert sidecar["wav"] == f"{name}.wav" and sidecar["render_errors"] == []
@@ -255,7 +259,7 @@ def test_wav_is_offered_when_fluidsynth_renders(client, fake_fluidsynth):
 def test_a_short_wav_is_never_offered(client, studio, fake_fluidsynth, monkeypatch):
     """A WAV cut short (a failing FluidSynth) is not kept: the MIDI is listed, the WAV is not, no temp file remains."""
     monkeypatch.setenv("FAKE_FLUIDSYNTH_SHORT", "1")
-    job = wait(client, start(client, **SONG)["id"])
+    job = wait(client, start(client, **SHORT)["id"])
     name = job["songs"][0]
     sidecar = client.get(f"/api/songs/{name}.json").json()
     assert "wav" not in sidecar and any("fluidsynth did not produce" in e or "bytes" in e
@@ -266,7 +270,7 @@ def test_a_short_wav_is_never_offered(client, studio, fake_fluidsynth, monkeypat
 
 def test_only_complete_songs_are_listed(client, studio, no_fluidsynth):
     """A MIDI without its sidecar (a song being written), a broken sidecar or a foreign name is not offered."""
-    wait(client, start(client, **SONG)["id"])
+    wait(client, start(client, **SHORT)["id"])
     (studio.out_dir / "song_007.mid").write_bytes(b"MThd")  # sidecar not written yet
     (studio.out_dir / "song_008.mid").write_bytes(b"MThd")
     (studio.out_dir / "song_008.json").write_text("{cut")
@@ -318,7 +322,12 @@ def test_infill_appears_when_the_library_has_it(client, studio, monkeypatch, no_
         return generate(model=model, tokenizer=tokenizer, prompt=ids, prompt_bars=bars[0] - 1, config=config,
                         max_bars=4, progress=progress)
 
-    assert client.post("/api/infill", json={"song": "song_000", "bars": [1, 1]}).status_code == 404
+    import museformer.studio.features
+
+    with monkeypatch.context() as without:
+        without.setattr(museformer.studio.features, "infill_function", lambda: None)
+        assert client.get("/api/info").json()["features"]["infill"] is False
+        assert client.post("/api/infill", json={"song": "song_000", "bars": [1, 1]}).status_code == 404
     monkeypatch.setitem(sys.modules, "museformer.infill", types.SimpleNamespace(infill=infill))
     assert client.get("/api/info").json()["features"]["infill"] is True
     original = wait(client, start(client, **SONG)["id"])["songs"][0]
@@ -409,3 +418,13 @@ def test_a_taken_port_is_one_clear_error(tmp_path):
     finally:
         taken.close()
 
+
+
+def test_without_the_extra_the_command_says_what_to_install(monkeypatch, capsys, tmp_path):
+    """Without starlette installed, `museformer studio` is one line naming the studio extra."""
+    import museformer.studio.app as app
+    from museformer.cli import main
+
+    monkeypatch.setattr(app, "Starlette", None)
+    assert main(["studio", "-o", str(tmp_path / "songs")]) == 1
+    assert "pip install 'museformer[studio]'" in capsys.readouterr().err
