@@ -1,7 +1,6 @@
 """The studio server: generation end to end over HTTP, progress, one job at a time, bad input, files."""
 
 import base64
-import json
 import subprocess
 import sys
 import threading
@@ -139,7 +138,7 @@ def test_progress_is_live_over_http(client, gate, no_fluidsynth):
 
 
 def test_a_second_generate_while_busy_is_refused(client, studio, gate, no_fluidsynth):
-    """A second request while a job runs gets 409 with a 'busy' message; the first job finishes; then a new one starts."""
+    """A second request while a job runs gets 409 'busy'; the first job finishes; then a new one starts."""
     job = start(client, **SHORT)
     assert gate.reached.wait(60)
     second = client.post("/api/generate", json=SHORT)
@@ -333,7 +332,9 @@ def test_infill_appears_when_the_library_has_it(client, studio, monkeypatch, no_
     original = wait(client, start(client, **SONG)["id"])["songs"][0]
     bad = client.post("/api/infill", json={"song": original, "bars": [3, 9]})
     assert bad.status_code == 400 and bad.json()["field"] == "bars"
-    job = wait(client, client.post("/api/infill", json={"song": original, "bars": [3, 4], "seed": 5}).json()["job"]["id"])
+    started = client.post("/api/infill", json={"song": original, "bars": [3, 4], "seed": 5})
+    assert started.status_code == 202, started.text
+    job = wait(client, started.json()["job"]["id"])
     assert job["state"] == "done" and calls["bars"] == (3, 4)
     assert calls["ids"] == [int(t) for t in TOKENIZER.encode_file(studio.out_dir / f"{original}.mid", as_ids=True)]
     sidecar = client.get(f"/api/songs/{job['songs'][0]}.json").json()
@@ -343,13 +344,13 @@ def test_infill_appears_when_the_library_has_it(client, studio, monkeypatch, no_
 # -- note JSON ---------------------------------------------------------------------------------
 def _score(tempos, signatures, notes, tpq=480):
     score = symusic.Score(tpq)
-    for time, qpm in tempos:
-        score.tempos.append(symusic.Tempo(time, qpm))
-    for time, num, den in signatures:
-        score.time_signatures.append(symusic.TimeSignature(time, num, den))
+    for tick, qpm in tempos:
+        score.tempos.append(symusic.Tempo(tick, qpm))
+    for tick, num, den in signatures:
+        score.time_signatures.append(symusic.TimeSignature(tick, num, den))
     track = symusic.Track(program=0)
-    for time, duration, pitch in notes:
-        track.notes.append(symusic.Note(time, duration, pitch, 90))
+    for tick, duration, pitch in notes:
+        track.notes.append(symusic.Note(tick, duration, pitch, 90))
     score.tracks.append(track)
     return score
 

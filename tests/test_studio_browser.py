@@ -5,7 +5,6 @@ installs the first two on Debian), or with MUSEFORMER_BROWSER_TEST=0.
 """
 
 import time
-from pathlib import Path
 
 import pytest
 import symusic
@@ -49,7 +48,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 @needs_browser
 def test_generate_see_hear_and_download_in_chromium(tiny_checkpoint, tmp_path, no_fluidsynth):
-    """In Chromium: a 4-bar song is drawn (every note), its audio has the song's duration, its MIDI downloads and parses."""
+    """In Chromium: a 4-bar song is drawn, its audio has the song's duration, its MIDI downloads and parses."""
     from selenium.webdriver.common.by import By
 
     studio = Studio(available_models([tiny_checkpoint]), tmp_path / "songs")

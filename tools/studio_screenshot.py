@@ -49,7 +49,10 @@ def main() -> int:
             canvas = card.find_element(By.CSS_SELECTOR, "canvas.roll")
             first, last = (int(b) for b in args.select.split("-"))
             width = canvas.size["width"]
-            x = lambda bar: int((bar - 0.5) / args.bars * width - width / 2)  # offsets from the centre
+
+            def x(bar: int) -> int:  # selenium's offsets are from the canvas's centre
+                return int((bar - 0.5) / args.bars * width - width / 2)
+
             ActionChains(web).move_to_element_with_offset(canvas, x(first), 0).click_and_hold() \
                 .move_to_element_with_offset(canvas, x(last), 0).release().perform()
             web.execute_script("document.querySelector('audio').currentTime = arguments[0];", 3.0)

@@ -130,7 +130,8 @@ def create_app(studio: Studio) -> Starlette:
             raise ParameterError("bars", f"must be [first, last], bar numbers from 1, got {bars!r}")
         first, last = bars
         if not 1 <= first <= last <= int(sidecar.get("bars") or 0):
-            raise ParameterError("bars", f"must lie within the song's bars 1..{sidecar.get('bars')}, got {first}-{last}")
+            raise ParameterError("bars", f"must lie within the song's bars 1..{sidecar.get('bars')}, "
+                                 f"got {first}-{last}")
         settings = {k: body[k] for k in ("temperature", "top_k", "top_p", "seed") if body.get(k) is not None}
         try:
             config = SampleConfig(**settings)

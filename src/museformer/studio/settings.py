@@ -269,7 +269,8 @@ def parse_generate_request(body: Any, models: list[ModelChoice], tokenizer_of) -
         try:
             check_run_options(config, num_songs=num_songs, batch_size=None, prompt_bars=prompt_bars)
         except MuseformerError as e:
-            raise ParameterError("prompt_bars", str(e).replace("--prompt-bars ", "").replace("--bars", "bars")) from None
+            message = str(e).replace("--prompt-bars ", "").replace("--bars", "bars")
+            raise ParameterError("prompt_bars", message) from None
         tokenizer = tokenizer_of(model)
         prompt_ids = read_prompt(data, prompt_name, tokenizer, prompt_bars)
         try:
