@@ -20,7 +20,7 @@ from museformer.infill import bar_starts, infill, parse_bar_ranges
 from museformer.metrics import notes_from_ids, self_similarity
 from museformer.model import Museformer, MuseformerConfig
 from museformer.tokenizer import Tokenizer
-from museformer.vocab import BOS_ID
+from museformer.vocab import BOS_ID, TokenKind
 
 DATA = Path(__file__).parent / "data"
 TOKENIZER = Tokenizer.preset("lmd6")
@@ -51,12 +51,12 @@ def test_forked_rows_equal_fresh_decoding_and_leave_the_parent_unchanged(model):
     stepped afterwards, still equals its own fresh decoding."""
     prefix = [BOS_ID] + _first_bars(2)
     rest = SONG[len(prefix) - 1:]
-    continuations = [rest[:40], rest[5:45], rest[40:80]]  # three different futures of the prefix
+    continuations = [rest[:28], rest[5:33], rest[40:68]]  # three different futures of the prefix
     with torch.inference_mode():
         parent = FCCache(model, 1, capacity=16)  # small: the fork must also grow on its own
         model(torch.tensor([prefix]), cache=parent)
         fork = parent.fork([0, 0, 0])
-        for step in range(40):
+        for step in range(28):
             ids = torch.tensor([[c[step]] for c in continuations])
             logits = model(ids, cache=fork)[:, 0]
             for row, c in enumerate(continuations):
@@ -215,6 +215,33 @@ def test_infill_keeps_every_other_bar_token_identical(model):
         assert result.ids[first: first + len(chosen)] == chosen
     again = infill(song, "3-4,7", model=model, tokenizer=TOKENIZER, candidates=3, seed=11, top_k=8)
     assert again.ids == result.ids
+
+
+def test_infill_of_one_instrument_keeps_the_other_instruments_notes(model):
+    """Infilling only the strings (48) in bar 3 of a six-track song: every note of the other
+    instruments in that bar is kept (onset, pitch, duration, velocity), the other bars are
+    token-identical, and the song stays grammatical."""
+    song = [int(t) for t in TOKENIZER.encode_file(DATA / "synthetic_six_tracks.mid", as_ids=True)]
+    song = song[: bar_starts(song, VOCAB.bar_id)[4]]  # 4 bars are enough
+    result = infill(song, "3", model=model, tokenizer=TOKENIZER, candidates=2, seed=4, instruments=[48])
+    before, after = bar_tokens(song, VOCAB.bar_id), bar_tokens(result.ids, VOCAB.bar_id)
+    assert len(after) == len(before) and all(after[i] == before[i] for i in range(len(before)) if i != 2)
+
+    def kept_notes(bar):  # (onset, instrument, pitch, duration, velocity) of the other instruments
+        notes, onset, inst = [], -1, -1
+        for i, t in enumerate(bar):
+            kind, value = int(VOCAB.kinds[t]), int(VOCAB.values[t])
+            onset = value if kind == TokenKind.ONSET else onset
+            inst = value if kind == TokenKind.INSTRUMENT else inst
+            if kind == TokenKind.PITCH and inst != 48:
+                notes.append((onset, inst, value, int(VOCAB.values[bar[i + 1]]), int(VOCAB.values[bar[i + 2]])))
+        return notes
+
+    assert kept_notes(after[2]) == kept_notes(before[2]) and kept_notes(before[2])
+    assert after[2][0] == before[2][0]  # the bar's tempo token
+    assert Grammar.for_tokenizer(TOKENIZER).validate(result.ids, complete=False) == []
+    with pytest.raises(ParameterError, match="instruments"):
+        infill(song, "3", model=model, tokenizer=TOKENIZER, instruments=[200])
 
 
 @pytest.mark.parametrize("ranges, message", [

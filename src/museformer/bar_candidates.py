@@ -20,9 +20,11 @@ It knows nothing about plans, similarity or MIDI files.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from museformer.cache import FCCache
@@ -130,7 +132,8 @@ class SongDecoder:
 
     # -- candidates --------------------------------------------------------------------------------
     def sample(self, k: int, bars: int, config: SampleConfig, generator: torch.Generator,
-               progress=None, forced: Sequence[Sequence[int]] | None = None) -> list[Candidate]:
+               progress=None, forced: Sequence[Sequence[int]] | None = None,
+               steer: Callable[[], Any] | None = None) -> list[Candidate]:
         """``k`` candidate continuations of ``bars`` complete bars each, sampled in one batch.
 
         The song is not changed (feed the chosen candidate's ids to continue it). Candidates whose
@@ -145,6 +148,10 @@ class SongDecoder:
                 ``"bars"`` when the row's last bar closes.
             forced: optional, per row, tokens the row starts with instead of sampling them (e.g.
                 the first onsets of a bar to vary); the model goes on from there.
+            steer: optional factory of one rule object per row, narrowing the grammar further:
+                ``rule.allowed()`` gives a bool ``(V,)`` numpy mask (or None: no narrowing) of the
+                next token and ``rule.advance(token)`` follows the sampled token (infilling some
+                instruments while keeping the others: ``infill.KeptParts``).
         """
         if k < 1 or bars < 1:
             raise ValueError(f"need k >= 1 and bars >= 1, got k={k}, bars={bars}")
@@ -159,12 +166,20 @@ class SongDecoder:
         ids: list[list[int]] = [[] for _ in range(k)]
         lps: list[list[float]] = [[] for _ in range(k)]
         closed, in_bar = [0] * k, [0] * k
+        rules = [steer() for _ in range(k)] if steer is not None else None
         with torch.inference_mode():
             cache = self.cache.fork([0] * k)
             state = None if self.state is None else self.state.select([0] * k)
             logits = self.logits[None].expand(k, V)  # (k, V)
             while rows:
                 forbid = never.expand(len(rows), V) if state is None else (~self.grammar.allowed(state)) | never
+                if rules is not None:
+                    narrow = [(row, rules[c].allowed()) for row, c in enumerate(rows)]
+                    narrow = [(row, m) for row, m in narrow if m is not None]
+                    if narrow:
+                        at, masks = zip(*narrow)
+                        forbid = forbid.clone()
+                        forbid[list(at)] |= ~torch.from_numpy(np.stack(masks)).to(self.device)
                 masked = logits.masked_fill(forbid, float("-inf"))
                 stuck = torch.isinf(masked).all(dim=-1)
                 if bool(stuck.any()):  # only possible without the bar token allowed: close the bar
@@ -180,6 +195,8 @@ class SongDecoder:
                     state = self.grammar.advance(state, next_ids)
                 keep = []
                 for row, (c, token) in enumerate(zip(rows, next_ids.tolist())):
+                    if rules is not None:
+                        rules[c].advance(token)
                     ids[c].append(token)
                     lps[c].append(token_lp[row])
                     in_bar[c] += 1

@@ -659,6 +659,9 @@ def add_infill(sub) -> None:
                    "(default: the bundled model)")
     p.add_argument("-n", "--num", type=int, default=DEFAULT_CANDIDATES, metavar="N",
                    help=f"candidates sampled per gap (default {DEFAULT_CANDIDATES})")
+    p.add_argument("--instruments", type=_program_list, metavar="P[,P...]",
+                   help="regenerate only these instruments' notes in the bars (MIDI programs, 128 or 'drums' = "
+                   "drums); the other instruments' notes there stay as they are")
     p.add_argument("--choose", default="sample", choices=list(CHOICES),
                    help="draw the result from the weights (sample, default) or take the best")
     p.add_argument("--top-k", type=int, default=d.top_k, metavar="K", help=f"top-k sampling (default {d.top_k})")
@@ -688,6 +691,7 @@ def _infill(args) -> int:
             raise ParameterError("threads", f"must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     result = infill(args.song, args.bars, args.checkpoint, candidates=args.num, choose=args.choose,
+                    instruments=args.instruments,
                     device=str(resolve_device(args.device)), top_k=args.top_k, top_p=args.top_p,
                     temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens)
     write_infill(result, args.output, source=str(args.song), checkpoint=args.checkpoint)

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from museformer.bar_candidates import Candidate, SongDecoder, grammar_for
@@ -167,6 +168,132 @@ def bar_starts(ids: Sequence[int], bar_id: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# infilling some instruments only: the other instruments' notes are kept, token for token
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _KeptEvent:
+    """One kept instrument's notes at one onset of a gap bar: ``tokens`` = ``i-x`` then its notes."""
+
+    onset: int
+    key: int  # the instrument's sort key (the order inside an onset)
+    tokens: tuple[int, ...]
+
+
+def instrument_key(program: int, sort_insts: str) -> int:
+    """Sort key of an instrument inside an onset, as the grammar orders them (2 rank, +1 for the
+    second program of a shared rank)."""
+    from museformer.remigen import SIX_TRACK_RANK
+
+    if sort_insts == "6tracks":
+        return 2 * SIX_TRACK_RANK.get(program, 99) + (program == 32)
+    return 2 * program
+
+
+class KeptParts:
+    """One candidate's rule while infilling only some instruments (REMIGEN2 tokens).
+
+    In every gap bar the bar's opening tokens and the notes of every instrument *not* in
+    ``targets`` are those of the original bar, in their places; the model writes only notes of the
+    target instruments, at the original onsets or at new ones between them. ``allowed()`` is the
+    mask of tokens that keep this possible (on top of the grammar), ``advance`` follows the tokens.
+    """
+
+    def __init__(self, bars: Sequence[Sequence[int]], targets: Sequence[int], vocab, sort_insts: str) -> None:
+        from museformer.vocab import TokenKind as K
+
+        self.K, self.vocab, self.sort_insts = K, vocab, sort_insts
+        self.kinds = np.asarray(vocab.kinds, dtype=np.int64)
+        self.values = np.asarray(vocab.values, dtype=np.int64)
+        targets = set(int(t) for t in targets)
+        is_inst = self.kinds == K.INSTRUMENT
+        self.target_ids = np.zeros(len(self.kinds), dtype=bool)
+        self.target_ids[is_inst] = np.isin(self.values[is_inst], sorted(targets))
+        self.key_of = np.full(len(self.kinds), -1, dtype=np.int64)
+        self.key_of[is_inst] = [instrument_key(int(v), sort_insts) for v in self.values[is_inst]]
+        self.openings: list[list[int]] = []
+        self.events: list[list[_KeptEvent]] = []
+        for bar in bars:
+            body = list(bar[:-1])  # without b-1
+            first = next((i for i, t in enumerate(body) if self.kinds[t] == K.ONSET), len(body))
+            self.openings.append(body[:first])
+            events: list[_KeptEvent] = []
+            onset, current = -1, None
+            for t in body[first:]:
+                kind = self.kinds[t]
+                if kind == K.ONSET:
+                    onset, current = int(self.values[t]), None
+                elif kind == K.INSTRUMENT:
+                    current = None if self.target_ids[t] else [int(t)]
+                    if current is not None:
+                        events.append(_KeptEvent(onset, int(self.key_of[t]), ()))
+                if current is not None and kind != K.ONSET:
+                    if kind != K.INSTRUMENT:
+                        current.append(int(t))
+                    events[-1] = _KeptEvent(onset, events[-1].key, tuple(current))
+            self.events.append(events)
+        self.bar, self.event = 0, 0
+        self.queue: list[int] = list(self.openings[0]) if self.openings else []
+        self.in_event = False
+        self.onset, self.key, self.last, self.target_playing = -1, -1, int(K.BAR), False
+
+    def _next(self) -> _KeptEvent | None:
+        events = self.events[self.bar] if self.bar < len(self.events) else []
+        return events[self.event] if self.event < len(events) else None
+
+    def allowed(self) -> np.ndarray | None:
+        """Bool ``(V,)`` of the tokens this rule allows next; None = whatever the grammar allows."""
+        K, kinds = self.K, self.kinds
+        if self.bar >= len(self.events):
+            return None
+        mask = np.zeros(len(kinds), dtype=bool)
+        if self.queue:
+            mask[self.queue[0]] = True
+            return mask
+        nxt = self._next()
+        pending = nxt is not None and nxt.onset == self.onset  # a kept instrument still due at this onset
+        below = (self.key_of < nxt.key) if pending else np.ones(len(kinds), dtype=bool)
+        if self.last == K.ONSET:  # an instrument must follow
+            mask |= self.target_ids & below
+        elif self.last in (K.INSTRUMENT, K.PITCH, K.DURATION):
+            return None  # inside a target instrument's note: the grammar decides
+        else:  # after the bar's opening or a note's velocity
+            if self.last == K.VELOCITY and self.target_playing:
+                mask |= kinds == K.PITCH
+            if self.onset >= 0:
+                mask |= self.target_ids & below & (self.key_of > self.key)
+            if not pending:
+                onsets = (kinds == K.ONSET) & (self.values > self.onset)
+                if nxt is not None:
+                    onsets &= self.values <= nxt.onset
+                mask |= onsets
+                if nxt is None:
+                    mask[self.vocab.bar_id] = True
+        if pending:
+            mask[nxt.tokens[0]] = True
+        return mask
+
+    def advance(self, token: int) -> None:
+        """Follow the token the candidate took."""
+        K = self.K
+        kind = int(self.kinds[token])
+        if self.queue:
+            self.queue.pop(0)
+        elif kind == K.INSTRUMENT and not self.target_ids[token]:  # a kept instrument's turn: its notes follow
+            self.queue = list(self._next().tokens[1:])
+            self.in_event = True
+        if kind == K.ONSET:
+            self.onset, self.key = int(self.values[token]), -1
+        elif kind == K.INSTRUMENT:
+            self.key, self.target_playing = int(self.key_of[token]), bool(self.target_ids[token])
+        elif kind == K.BAR:
+            self.bar, self.event, self.onset, self.key = self.bar + 1, 0, -1, -1
+            self.queue = list(self.openings[self.bar]) if self.bar < len(self.openings) else []
+        self.last = kind
+        if self.in_event and not self.queue:
+            self.in_event, self.event = False, self.event + 1
+
+
+# ---------------------------------------------------------------------------------------------
 # infilling
 # ---------------------------------------------------------------------------------------------
 def infill(
@@ -178,6 +305,7 @@ def infill(
     tokenizer=None,
     candidates: int = DEFAULT_CANDIDATES,
     choose: str = "sample",
+    instruments: Sequence[int] | None = None,
     config: SampleConfig | None = None,
     device: str | torch.device = "cpu",
     progress=None,
@@ -194,6 +322,9 @@ def infill(
         model, tokenizer: an already loaded model and its tokenizer.
         candidates: K, candidates sampled per gap.
         choose: ``"sample"`` (draw from the weights) or ``"best"`` (the highest weight).
+        instruments: regenerate only these instruments' notes in the gap (MIDI programs, 128 =
+            drums): every other instrument's notes there stay as they were (``KeptParts``; REMIGEN2
+            tokens only). None = the whole bars.
         config: sampling options (temperature, top-k/p, seed, grammar, instruments, tempo);
             ``max_tokens`` is the longest song accepted. Keyword ``options`` override its fields.
         device: where the model runs.
@@ -214,6 +345,14 @@ def infill(
         raise ParameterError("choose", f"choose from {CHOICES}, got {choose!r}")
     model, tokenizer, _ = _as_model(model, tokenizer, checkpoint, device)
     model.eval()
+    if instruments is not None:
+        instruments = tuple(instruments)
+        if not instruments or any(not isinstance(p, int) or not 0 <= p <= 128 for p in instruments):
+            raise ParameterError("instruments", f"give MIDI programs 0..127 or 128 (drums), got {instruments!r}")
+        if tokenizer.config.encoding != "remigen2":
+            raise ParameterError("instruments", "infilling some instruments only needs REMIGEN2 tokens, where each "
+                                 f"onset lists its instruments; this model uses {tokenizer.config.encoding!r}")
+        config = dataclasses.replace(config, instruments=None)  # the kept parts play their own instruments
     original = song_ids(song, tokenizer)
     if len(original) >= config.max_tokens:
         raise MuseformerError(f"the song has {len(original)} tokens, more than the model's context of --max-tokens "
@@ -233,7 +372,12 @@ def infill(
         lo, hi = starts[first - 1], starts[last]
         if n:  # the kept bars between the previous gap and this one
             decoder.feed(original[starts[gaps[n - 1][1]]:lo])
-        pool = decoder.sample(candidates, last - first + 1, config, generator, progress=progress)
+        steer = None
+        if instruments is not None:
+            gap_bars = [original[starts[b]:starts[b + 1]] for b in range(first - 1, last)]
+            steer = lambda gap_bars=gap_bars: KeptParts(gap_bars, instruments, tokenizer.vocab,  # noqa: E731
+                                                        tokenizer.config.sort_insts)
+        pool = decoder.sample(candidates, last - first + 1, config, generator, progress=progress, steer=steer)
         if not pool:
             raise MuseformerError(f"bars {first}-{last}: every candidate ran past {decoder.max_bar_tokens} tokens "
                                   "in one bar")
@@ -254,7 +398,8 @@ def infill(
     ids = decoder.ids + decoder_tail  # the rest of the song, token-identical (not re-read)
     score, report = tokenizer.decode_with_report(ids)
     return InfillResult(ids, original, results, seed, score, report.skipped, sum(1 for t in ids if t == bar_id),
-                        {"candidates": candidates, "choose": choose, **config.to_dict(), "seed": seed})
+                        {"candidates": candidates, "choose": choose, **config.to_dict(), "seed": seed,
+                         "infill_instruments": None if instruments is None else list(instruments)})
 
 
 def _logprob_of(decoder: SongDecoder, tokens: Sequence[int]) -> float:
@@ -282,4 +427,4 @@ def write_infill(result: InfillResult, output: str | os.PathLike, *, source: str
     return sidecar
 
 
-__all__ = ["GapResult", "InfillResult", "infill", "parse_bar_ranges", "write_infill"]
+__all__ = ["GapResult", "InfillResult", "KeptParts", "infill", "parse_bar_ranges", "write_infill"]
