@@ -72,7 +72,7 @@ def form_row(plan_name, plan, ids, vocab, lps, how, seconds, kind) -> dict:
     sampled_lp = np.concatenate([lps[a:b] for i, (a, b) in enumerate(spans) if i in sampled]) if sampled else []
     return {"kind": kind, "plan": plan_name, **err, "logprob": float(np.mean(lps)),
             "logprob_sampled": float(np.mean(sampled_lp)) if len(sampled_lp) else math.nan,
-            "tokens": len(ids), "bars": len(spans), "seconds": seconds}
+            "tokens": len(ids), "bars": len(spans), "seconds": seconds, "ids": list(map(int, ids))}
 
 
 def run_form(model, tok, out, songs, k, done, write, variation_songs) -> None:
@@ -189,13 +189,17 @@ def summarize(rows: list[dict]) -> str:
         values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
         return (float(np.mean(values)), len(values)) if values else (math.nan, 0)
 
+    def varied(sel) -> str:
+        value, n = mean(r.get("varied") for r in sel)
+        return f"{value:.3f} ({mean(r.get('varied_target') for r in sel)[0]:.2f})" if n else "-"
+
     lines = []
     machines = [r["text"] for r in rows if r["kind"] == "machine"]
     if machines:
         lines.append(f"machine (speed runs): {machines[-1]}\n")
     lines.append("| plan | decoding | songs | MAE vs plan | same-letter sim | different-letter sim | "
-                 "log-lik/token (all bars) | log-lik/token (sampled bars) | s/song |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+                 "varied-repeat sim (target) | log-lik/token (all bars) | log-lik/token (sampled bars) | s/song |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in PLANS:
         for kind in ("free", "form", "form-sample-variation"):
             sel = [r for r in rows if r["kind"] == kind and r["plan"] == name]
@@ -203,7 +207,8 @@ def summarize(rows: list[dict]) -> str:
                 continue
             mae, n = mean(r["mae"] for r in sel)
             lines.append(f"| {name} | {kind} | {n} | {mae:.3f} | {mean(r['same'] for r in sel)[0]:.3f} | "
-                         f"{mean(r['different'] for r in sel)[0]:.3f} | {mean(r['logprob'] for r in sel)[0]:.3f} | "
+                         f"{mean(r['different'] for r in sel)[0]:.3f} | {varied(sel)} | "
+                         f"{mean(r['logprob'] for r in sel)[0]:.3f} | "
                          f"{mean(r['logprob_sampled'] for r in sel)[0]:.3f} | {mean(r['seconds'] for r in sel)[0]:.1f} |")
     inf = [r for r in rows if r["kind"] == "infill"]
     if inf:

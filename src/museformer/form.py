@@ -314,7 +314,8 @@ def plan_error(plan: FormPlan, achieved: np.ndarray) -> dict[str, float]:
 
     Returns ``mae`` (mean absolute error over the planned pairs i < j where both are defined),
     ``same`` / ``different`` (mean achieved similarity of planned repeat pairs / planned new-vs-other
-    pairs) and ``pairs`` (how many pairs counted).
+    pairs), ``varied`` / ``varied_target`` (mean achieved / planned similarity of the pairs planned
+    strictly between 0 and 1: varied repeats) and ``pairs`` (how many pairs counted).
     """
     target = plan.planned_similarity()
     n = min(len(achieved), plan.num_bars)
@@ -327,8 +328,11 @@ def plan_error(plan: FormPlan, achieved: np.ndarray) -> dict[str, float]:
     def mean(mask) -> float:
         return float(achieved[mask].mean()) if mask.any() else math.nan
 
+    varied = planned & (target > 0) & (target < 1)
     return {"mae": float(np.abs(achieved - target)[planned].mean()) if planned.any() else math.nan,
-            "same": mean(same), "different": mean(different), "pairs": float(planned.sum())}
+            "same": mean(same), "different": mean(different), "varied": mean(varied),
+            "varied_target": float(target[varied].mean()) if varied.any() else math.nan,
+            "pairs": float(planned.sum())}
 
 
 # =============================================================================================
@@ -492,7 +496,7 @@ def render_form(plan: FormPlan, ids: Sequence[int], vocab, path: str | os.PathLi
         n = len(matrix)
         image = ax.imshow(shown, vmin=0, vmax=1, cmap="magma", origin="upper", interpolation="nearest",
                           extent=(0.5, n + 0.5, n + 0.5, 0.5))  # bars numbered from 1, as users count them
-        ax.set_title(name, fontsize=10)
+        ax.set_title(name, fontsize=10, pad=16)
         ax.set_xlabel("bar")
         ax.set_ylabel("bar")
         for label, start, count in plan.sections:
@@ -503,10 +507,10 @@ def render_form(plan: FormPlan, ids: Sequence[int], vocab, path: str | os.PathLi
                  ha="center", va="top", fontsize=8)
     fig.colorbar(image, ax=axes, shrink=0.8, label="Jaccard similarity of the bars' notes")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1.04)
     out = Path(path)
     with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
 
