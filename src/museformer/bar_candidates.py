@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from museformer.cache import FCCache
-from museformer.errors import MuseformerError
 from museformer.generate import SampleConfig, sample_next
 from museformer.vocab import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
@@ -272,9 +271,3 @@ class SongDecoder:
                 last = logits[:, -1]
         return total.tolist()
 
-
-def check_bar_tokens(value: int) -> int:
-    """``max_bar_tokens`` checked: an integer >= 1."""
-    if not isinstance(value, int) or value < 1:
-        raise MuseformerError(f"max_bar_tokens must be an integer >= 1, got {value!r}")
-    return value

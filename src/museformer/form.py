@@ -20,8 +20,8 @@ Text form: sections separated by spaces, each ``NAME[']N`` with NAME a letter or
 name came before repeats that earlier section bar by bar (exactly, or varied with primes); it may
 be shorter, not longer. JSON form (``--form-file``)::
 
-    {"form": "A8 A8 B8 A'8"}                                          # the text form, or
-    {"bars": 32, "variation": 0.6,
+    {"form": "A8 A8 B8 A'8", "variation": 0.6}                        # the text form, or
+    {"bars": 32,
      "rules": [{"bars": "9-16", "new": true},
                {"bars": "17-24", "repeats": "1-8", "similarity": 0.8}]}
 
@@ -188,16 +188,12 @@ def plan_from_dict(d: dict[str, Any], source: str = "plan") -> FormPlan:
             return parse_form(d["form"], d.get("variation", DEFAULT_VARIATION))
         except ParameterError as e:
             raise MuseformerError(f"{source}: {e.message}") from None
-    unknown = set(d) - {"bars", "rules", "variation"}
+    unknown = set(d) - {"bars", "rules"}
     if unknown:
         raise MuseformerError(f"{source}: unknown key(s) {sorted(unknown)} (use 'form', or 'bars' and 'rules')")
     bars = d.get("bars")
     if not isinstance(bars, int) or isinstance(bars, bool) or bars < 1:
         raise MuseformerError(f"{source}: 'bars' must be the song's number of bars (an integer >= 1), got {bars!r}")
-    try:
-        variation = _check_similarity("variation", d.get("variation", DEFAULT_VARIATION), below_one=True)
-    except ParameterError as e:
-        raise MuseformerError(f"{source}: {e}") from None
     rules: list[BarRule | None] = [None] * bars
     for n, spec in enumerate(d.get("rules", [])):
         where = f"{source}: rule {n + 1}"
@@ -234,7 +230,6 @@ def plan_from_dict(d: dict[str, Any], source: str = "plan") -> FormPlan:
             rules[first + k] = BarRule("repeat", n, label, r_first + k, float(similarity))
     free = len(d.get("rules", []))  # bars without a rule form one more, free "section" each
     filled = tuple(r if r is not None else BarRule("free", free + i, "") for i, r in enumerate(rules))
-    del variation  # only the text form uses it
     return FormPlan(filled, text=json.dumps(d, sort_keys=True))
 
 
@@ -531,7 +526,7 @@ def form_songs(model, tokenizer, plan: FormPlan, config, seeds: Sequence[int], p
         result = decode_form(model, tokenizer, plan, config, seed=seed, prompt=prompt, candidates=candidates,
                              progress=progress, song_index=index)
         score, report = tokenizer.decode_with_report(result.ids)
-        song = Song(list(result.ids), result.prompt_length, "bars", int(seed), score, plan.num_bars, report.skipped)
-        song.form = result
+        song = Song(list(result.ids), result.prompt_length, "bars", int(seed), score, plan.num_bars, report.skipped,
+                    form=result)
         songs.append(song)
     return songs

@@ -378,6 +378,7 @@ class Song:
         score: the decoded ``symusic.Score``.
         bars: complete bars (closed by ``b-1``).
         skipped: tokens the decoder could not use (0 with grammar-constrained decoding).
+        form: with a form plan, how each bar was made (``museformer.form.FormResult``); else None.
     """
 
     ids: list[int]
@@ -387,6 +388,7 @@ class Song:
     score: Any = None
     bars: int = 0
     skipped: int = 0
+    form: Any = None
 
     @property
     def num_tokens(self) -> int:
