@@ -81,16 +81,18 @@ def run_form(model, tok, out, songs, k, done, write, variation_songs) -> None:
 
     config = SampleConfig(seed=0)
     plans = {name: parse_form(text) for name, text in PLANS.items()}
-    for i in range(songs):
-        key = ("free", i)
-        if key not in done:
-            t = time.perf_counter()
-            song = generate(model=model, tokenizer=tok, max_bars=32, seed=10_000 + i)[0]
-            seconds = time.perf_counter() - t
+    todo = [i for i in range(songs) if ("free", i) not in done]
+    if todo:  # the baseline: unconstrained songs of 32 bars, one batch (song i has seed 10,000 + i at any batch)
+        t = time.perf_counter()
+        free = generate(model=model, tokenizer=tok, max_bars=32, seed=10_000 + todo[0], num_songs=len(todo))
+        seconds = (time.perf_counter() - t) / len(todo)  # per song, in a batch of len(todo)
+        for i, song in zip(todo, free):
+            assert song.seed == 10_000 + i
             lps = token_logprobs(model, song.ids)
             for name, plan in plans.items():
                 write(form_row(name, plan, song.ids, tok.vocab, lps, ["sampled"] * 32, seconds, "free") | {"song": i})
-            done.add(key)
+            done.add(("free", i))
+    for i in range(songs):
         for name, plan in plans.items():
             modes = ["prefix"] + (["sample"] if name == "verse/chorus" and i < variation_songs else [])
             for mode in modes:
