@@ -243,6 +243,31 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def by_section(rows: list[dict], model, tok) -> str:
+    """Mean per-token log-likelihood per 8-bar section (one full forward per stored song): free
+    songs vs form songs, the form's sections marked by how their bars were made. Compares like with
+    like (a section's position in the song changes its likelihood)."""
+    from museformer.form import _bar_spans, parse_form
+
+    lines = ["| plan | section | free songs | form songs | form bars were |", "|---|---|---:|---:|---|"]
+    free = [r for r in rows if r["kind"] == "free" and r["plan"] == "AABA" and "ids" in r]
+    free_lp = [(token_logprobs(model, r["ids"]), _bar_spans(r["ids"], tok.vocab.bar_id)) for r in free]
+    for name, text in PLANS.items():
+        plan = parse_form(text)
+        form = [r for r in rows if r["kind"] == "form" and r["plan"] == name and "ids" in r]
+        form_lp = [(token_logprobs(model, r["ids"]), _bar_spans(r["ids"], tok.vocab.bar_id)) for r in form]
+        for label, start, count in plan.sections:
+            def section_mean(songs):
+                values = [lp[a:b].mean() for lp, spans in songs for a, b in spans[start:start + count]]
+                return float(np.mean(values)) if values else math.nan
+            rule = plan.rules[start]
+            made = {"free": "sampled once", "new": "new: best of K", "repeat": "copied" if rule.similarity == 1.0
+                    else "varied: best of K"}[rule.kind]
+            lines.append(f"| {name} | {label} (bars {start + 1}-{start + count}) | {section_mean(free_lp):.3f} | "
+                         f"{section_mean(form_lp):.3f} | {made} |")
+    return "\n".join(lines) + f"\n\n(mean over bars of each bar's mean per-token log-likelihood; {len(free)} free songs)"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder for results.jsonl")
@@ -254,6 +279,8 @@ def main() -> int:
     p.add_argument("-k", type=int, default=8, help="candidates")
     p.add_argument("--only", nargs="*", default=["form", "infill", "speed"], choices=["form", "infill", "speed"])
     p.add_argument("--summarize", action="store_true", help="only print the tables of OUT/results.jsonl")
+    p.add_argument("--by-section", action="store_true",
+                   help="only print the per-section log-likelihood table of the stored songs (loads the model)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,6 +293,9 @@ def main() -> int:
 
     model, tok, directory = _as_model(None, None, args.checkpoint, "cpu")
     model.eval()
+    if args.by_section:
+        print(by_section(rows, model, tok))
+        return 0
     print(f"model {directory}; {machine()}", flush=True)
     done = {(r["kind"], r["plan"], r["song"]) if "plan" in r else (r["kind"], r.get("song")) for r in rows}
     done |= {("free", r["song"]) for r in rows if r["kind"] == "free"}
