@@ -15,6 +15,9 @@ stores the layer's new K/V and returns the slots its queries read.
   ``b-1`` that closed the bar);
 - a ``structure.BarTracker``: the bar and onset ids of the next tokens, chunk by chunk.
 
+``select`` keeps some songs (in place); ``fork`` copies some songs into a new cache (K candidate
+bars of one song, ``museformer.bar_candidates``), leaving the original as it was.
+
 Slots are ordered by arrival; order never matters to attention (the masks come from the tags).
 
 Rules (the pattern's, see ``structure.bar_relation`` / ``may_attend``):
@@ -36,6 +39,7 @@ songs), H heads, Dh head width, Tq / Sq new tokens / summaries of one forward, V
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -396,6 +400,19 @@ class FCCache:
         L, _, H, Dh = self.shape
         self.shape = (L, rows.numel(), H, Dh)
         self._views()
+
+    def fork(self, rows) -> FCCache:
+        """A new cache holding copies of some songs (indices into the batch; repeats allowed, e.g.
+        ``[0] * K`` for K candidate continuations of one song). This cache is left unchanged.
+
+        Every tensor of the new cache is a fresh ``index_select`` copy (``select``), so decoding
+        either cache never touches the other; the frozen per-vocabulary tables are shared.
+        """
+        child = copy.copy(self)
+        child.tracker = copy.copy(self.tracker)
+        child._layers = [LayerCache(child, i) for i in range(len(self._layers))]
+        child.select(rows)
+        return child
 
 
 # =============================================================================================

@@ -572,6 +572,7 @@ def add_generate(sub) -> None:
     p.add_argument("--no-grammar", action="store_true",
                    help="sample without the token grammar (songs may then contain tokens MIDI cannot use)")
     p.add_argument("--batch-size", type=int, metavar="N", help="songs decoded together (default: all)")
+    _form_options(p)
     add_output(p, "dir", "output folder", default="songs")
     p.add_argument("--render", action="store_true", help="also write a piano-roll PNG and a WAV per song")
     p.add_argument("--soundfont", metavar="SF2", help="General MIDI soundfont for --render")
@@ -615,7 +616,94 @@ def _generate(args) -> int:
         args.output, args.checkpoint, num_songs=args.num, prompt=args.prompt, prompt_bars=args.prompt_bars,
         config=sample_config_from_args(args), batch_size=args.batch_size, device=str(resolve_device(args.device)),
         render=args.render, soundfont=args.soundfont, threads=args.threads, log=print, progress=not args.quiet,
+        form=args.form, form_file=args.form_file, candidates=args.candidates,
     )
+    return 0
+
+
+def _form_options(p: argparse.ArgumentParser) -> None:
+    """``generate``'s form-plan options (``museformer.form``)."""
+    from museformer.form import DEFAULT_CANDIDATES
+
+    g = p.add_argument_group("form plans (docs/structure_control.md)")
+    plan = g.add_mutually_exclusive_group()
+    plan.add_argument("--form", metavar="PLAN",
+                      help="sections NAME[']BARS, e.g. \"A8 A8 B8 A'8\": a repeated name repeats that section "
+                      "(exactly; with ' varied), a new name is new material; the plan gives the song's bars")
+    plan.add_argument("--form-file", metavar="PLAN.json",
+                      help='a bar-level plan: {"bars": 32, "rules": [{"bars": "9-16", "new": true}, '
+                      '{"bars": "17-24", "repeats": "1-8", "similarity": 0.8}]}')
+    g.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, metavar="K",
+                   help=f"candidate bars sampled per planned bar (default {DEFAULT_CANDIDATES})")
+
+
+# ---------------------------------------------------------------------------------------------
+# infill
+# ---------------------------------------------------------------------------------------------
+def add_infill(sub) -> None:
+    from museformer.generate import SampleConfig
+    from museformer.infill import CHOICES, DEFAULT_CANDIDATES
+
+    d = SampleConfig()
+    p = sub.add_parser(
+        "infill", help="regenerate some bars of a song, with the whole song as context",
+        description="Regenerate the bars given by --bars (1-based, inclusive) of SONG.mid and write OUT.mid; every "
+        "other bar stays token-identical. Candidates for each gap are sampled left to right and weighted by the "
+        "model's likelihood of the rest of the song after them; the result is drawn from those weights. "
+        "OUT.json records the candidates' weights and likelihoods.",
+    )
+    p.add_argument("song", metavar="SONG.mid", help="the song (MIDI)")
+    p.add_argument("--bars", required=True, metavar="RANGES", help="bars to regenerate, e.g. 9-12 or 9-12,20-21")
+    add_output(p, "file", "MIDI file to write (its sidecar goes next to it as .json)", required=True)
+    p.add_argument("--checkpoint", metavar="DIR", help="checkpoint directory or training run folder "
+                   "(default: the bundled model)")
+    p.add_argument("-n", "--num", type=int, default=DEFAULT_CANDIDATES, metavar="N",
+                   help=f"candidates sampled per gap (default {DEFAULT_CANDIDATES})")
+    p.add_argument("--instruments", type=_program_list, metavar="P[,P...]",
+                   help="regenerate only these instruments' notes in the bars (MIDI programs, 128 or 'drums' = "
+                   "drums); the other instruments' notes there stay as they are")
+    p.add_argument("--choose", default="sample", choices=list(CHOICES),
+                   help="draw the result from the weights (sample, default) or take the best")
+    p.add_argument("--top-k", type=int, default=d.top_k, metavar="K", help=f"top-k sampling (default {d.top_k})")
+    p.add_argument("--top-p", type=float, default=d.top_p, metavar="P", help=f"nucleus sampling (default {d.top_p})")
+    p.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
+                   help=f"softmax temperature (default {d.temperature})")
+    p.add_argument("--seed", type=int, default=d.seed, metavar="S", help="random seed (default: random, recorded)")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, metavar="T",
+                   help=f"the longest song accepted, in tokens (default {d.max_tokens}, the paper's context)")
+    p.add_argument("--render", action="store_true", help="also write a piano-roll PNG of OUT.mid")
+    add_device(p)
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for PyTorch")
+    p.set_defaults(handler=_infill, flags={"candidates": "--num", "max_tokens": "--max-tokens"})
+
+
+def _infill(args) -> int:
+    import torch
+
+    from museformer.infill import infill, write_infill
+    from museformer.train import resolve_device
+
+    check_output(args.output, "file", (".mid", ".midi"))
+    if not Path(args.song).is_file():
+        raise ParameterError("song", f"{args.song}: no such file")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ParameterError("threads", f"must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    result = infill(args.song, args.bars, args.checkpoint, candidates=args.num, choose=args.choose,
+                    instruments=args.instruments,
+                    device=str(resolve_device(args.device)), top_k=args.top_k, top_p=args.top_p,
+                    temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens)
+    write_infill(result, args.output, source=str(args.song), checkpoint=args.checkpoint)
+    for gap in result.gaps:
+        print(f"bars {gap.first}-{gap.last}: candidate {gap.chosen} of {len(gap.candidates)} "
+              f"(weight {gap.weights[gap.chosen]:.2f}; rest of the song: {gap.suffix_logprob[gap.chosen]:.1f} nats "
+              f"vs {gap.original_suffix_logprob:.1f} after the original bars)")
+    print(f"wrote {args.output} ({result.bars} bars) and {Path(args.output).with_suffix('.json')}")
+    if args.render:
+        from museformer.render import piano_roll
+
+        print(f"wrote {piano_roll(result.score, Path(args.output).with_suffix('.png'))}")
     return 0
 
 
@@ -680,7 +768,7 @@ def _studio(args) -> int:
 
 # ---------------------------------------------------------------------------------------------
 COMMANDS = (add_encode, add_decode, add_prepare, add_pattern, add_train, add_evaluate, add_evaluate_structure,
-            add_analyze, add_generate, add_render, add_studio)
+            add_analyze, add_generate, add_infill, add_render, add_studio)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -378,6 +378,7 @@ class Song:
         score: the decoded ``symusic.Score``.
         bars: complete bars (closed by ``b-1``).
         skipped: tokens the decoder could not use (0 with grammar-constrained decoding).
+        form: with a form plan, how each bar was made (``museformer.form.FormResult``); else None.
     """
 
     ids: list[int]
@@ -387,6 +388,7 @@ class Song:
     score: Any = None
     bars: int = 0
     skipped: int = 0
+    form: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -429,6 +431,8 @@ def generate(
     batch_size: int | None = None,
     device: str | torch.device = "cpu",
     progress=None,
+    form=None,
+    candidates: int = 8,
     **options: Any,
 ) -> list[Song]:
     """Generate songs with a checkpoint (default: the bundled model) or a given model.
@@ -446,6 +450,10 @@ def generate(
         batch_size: songs decoded together (None = all of them; else >= 1).
         device: where the model runs (``"cpu"`` or ``"cuda"``).
         progress: optional callable ``progress(song, token, finish)`` called for every event.
+        form: a form plan the songs follow (``museformer.form``): its text (``"A8 A8 B8 A'8"``), its
+            JSON dict or a ``FormPlan``; songs then have the plan's bars (``max_bars``, if given,
+            must agree) and are decoded bar by bar, ``candidates`` candidate bars per planned bar.
+        candidates: K, candidate bars per planned bar with ``form`` (unused without it).
 
     Returns:
         the songs, in order; each has its ids, seed, finish reason and decoded score.
@@ -455,6 +463,12 @@ def generate(
             ``max_bars`` bars or ``max_tokens`` tokens).
     """
     config = dataclasses.replace(config or SampleConfig(), **options) if options else (config or SampleConfig())
+    plan = None
+    if form is not None:  # bar-by-bar decoding to a plan: museformer.form
+        from museformer.form import load_plan, plan_bars
+
+        plan = load_plan(form)
+        config = plan_bars(plan, config)
     check_run_options(config, num_songs=num_songs, batch_size=batch_size, prompt_bars=prompt_bars)
     batch_size = num_songs if batch_size is None else batch_size
     model, tokenizer, _ = _as_model(model, tokenizer, checkpoint, device)
@@ -470,6 +484,10 @@ def generate(
     check_prompt_fits(prompt_ids, config, tokenizer.vocab.bar_id)
     grammar = build_grammar(tokenizer, config)
     seeds = song_seeds(config, num_songs)
+    if plan is not None:
+        from museformer.form import form_songs
+
+        return form_songs(model, tokenizer, plan, config, seeds, prompt_ids, candidates, progress)
     songs: list[Song] = []
     for start in range(0, num_songs, batch_size):
         count = min(batch_size, num_songs - start)

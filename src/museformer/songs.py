@@ -114,6 +114,9 @@ def generate_to_folder(
     threads: int | None = None,
     log=None,
     progress: bool = False,
+    form=None,
+    form_file: str | os.PathLike | None = None,
+    candidates: int = 8,
 ) -> list[dict[str, Any]]:
     """What ``museformer generate`` does: generate songs and write them with their sidecars.
 
@@ -121,7 +124,9 @@ def generate_to_folder(
     number; each name is claimed with an exclusive create, so neither a second run nor one running
     at the same time into the same folder ever overwrites a song). Every option and the output
     folder are checked before the model is loaded. ``progress`` shows a tqdm bar (bars with a bar
-    limit, else tokens) on a terminal. Returns the sidecars.
+    limit, else tokens) on a terminal. With ``form`` (plan text or dict) or ``form_file`` (JSON)
+    songs follow a form plan (``museformer.form``; the sidecar records it) and ``render`` also
+    draws ``song_NNN_form.png``, the plan next to the achieved bar similarity. Returns the sidecars.
     """
     import platform
 
@@ -129,6 +134,12 @@ def generate_to_folder(
     from museformer.files import check_output_path
 
     config = config or SampleConfig()
+    plan = None
+    if form is not None or form_file is not None:
+        from museformer.form import load_plan, plan_bars
+
+        plan = load_plan(form, form_file)
+        config = plan_bars(plan, config)
     check_output_path(out_dir, "dir", what="output folder")
     check_run_options(config, num_songs=num_songs, batch_size=batch_size, prompt_bars=prompt_bars)
     if threads is not None:
@@ -147,7 +158,7 @@ def generate_to_folder(
     with _progress_bar(progress, num_songs, config, tokenizer.vocab.bar_id) as on_event:
         songs = generate(model=model, tokenizer=tokenizer, num_songs=num_songs, prompt=prompt,
                          prompt_bars=prompt_bars, config=config, batch_size=batch_size, device=device,
-                         progress=on_event)
+                         progress=on_event, form=plan, candidates=candidates)
     out = Path(out_dir)
     first = next_song_number(out)
     metadata = {
@@ -163,6 +174,7 @@ def generate_to_folder(
         "device": str(device),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
+        **({"form": plan.to_dict(), "candidates": candidates} if plan is not None else {}),
     }
     sidecars = []
     for k, song in enumerate(songs):
@@ -174,6 +186,17 @@ def generate_to_folder(
             log(f"{out / sidecar['midi']}: {song.num_tokens} tokens, {sidecar['bars']} bars ({song.finish})")
             for problem in sidecar["render_errors"]:
                 log(f"  not rendered: {problem}")
+        if render and plan is not None:  # the plan next to the achieved bar similarity
+            from museformer.form import render_form
+
+            picture = out / f"{Path(sidecar['midi']).stem}_form.png"
+            try:
+                render_form(plan, song.ids, tokenizer.vocab, picture, title=sidecar["midi"])
+                if log is not None:
+                    log(f"  plan vs achieved similarity: {picture}")
+            except MuseformerError as e:
+                if log is not None:
+                    log(f"  not rendered: form png: {e}")
     return sidecars
 
 
