@@ -311,34 +311,50 @@ def test_form_plans_appear_when_generate_takes_them(client, studio, monkeypatch,
     assert client.get(f"/api/songs/{job['songs'][0]}.json").json()["form"] == "A2 B1 A'1"
 
 
-def test_infill_appears_when_the_library_has_it(client, studio, monkeypatch, no_fluidsynth):
-    """With a museformer.infill.infill, selected bars of a song go to it and its result is a new listed song."""
-    calls = {}
-
-    def infill(ids, bars, model, tokenizer, config, progress):
-        calls["bars"], calls["ids"] = bars, list(ids)
-        # a stand-in: keep the bars before the gap, sample the rest (the real one keeps the suffix too)
-        return generate(model=model, tokenizer=tokenizer, prompt=ids, prompt_bars=bars[0] - 1, config=config,
-                        max_bars=4, progress=progress)
-
+def test_infill_regenerates_the_selected_bars(client, studio, monkeypatch, no_fluidsynth):
+    """Selected bars of a song go to museformer.infill.infill; the new listed song keeps every other bar."""
+    import museformer.infill
     import museformer.studio.features
 
     with monkeypatch.context() as without:
         without.setattr(museformer.studio.features, "infill_function", lambda: None)
         assert client.get("/api/info").json()["features"]["infill"] is False
         assert client.post("/api/infill", json={"song": "song_000", "bars": [1, 1]}).status_code == 404
-    monkeypatch.setitem(sys.modules, "museformer.infill", types.SimpleNamespace(infill=infill))
+    calls = {}
+    real = museformer.infill.infill
+
+    def spy(ids, bars, **kwargs):
+        calls["bars"], calls["ids"] = bars, list(ids)
+        return real(ids, bars, **kwargs)
+
+    monkeypatch.setattr(museformer.infill, "infill", spy)
     assert client.get("/api/info").json()["features"]["infill"] is True
     original = wait(client, start(client, **SONG)["id"])["songs"][0]
     bad = client.post("/api/infill", json={"song": original, "bars": [3, 9]})
     assert bad.status_code == 400 and bad.json()["field"] == "bars"
-    started = client.post("/api/infill", json={"song": original, "bars": [3, 4], "seed": 5})
+    started = client.post("/api/infill", json={"song": original, "bars": [2, 3], "seed": 5})
     assert started.status_code == 202, started.text
     job = wait(client, started.json()["job"]["id"])
-    assert job["state"] == "done" and calls["bars"] == (3, 4)
-    assert calls["ids"] == [int(t) for t in TOKENIZER.encode_file(studio.out_dir / f"{original}.mid", as_ids=True)]
+    assert job["state"] == "done", job
+    assert calls["bars"] == [(2, 3)]
+    before = calls["ids"]
+    assert before == [int(t) for t in TOKENIZER.encode_file(studio.out_dir / f"{original}.mid", as_ids=True)]
+    after = [int(t) for t in TOKENIZER.encode_file(studio.out_dir / f"{job['songs'][0]}.mid", as_ids=True)]
+    bar = TOKENIZER.vocab.bar_id
+
+    def bars_of(ids):
+        out, cur = [], []
+        for t in ids:
+            cur.append(t)
+            if t == bar:
+                out.append(cur)
+                cur = []
+        return out
+
+    assert len(bars_of(after)) == len(bars_of(before))
+    assert bars_of(after)[0] == bars_of(before)[0] and bars_of(after)[3:] == bars_of(before)[3:]
     sidecar = client.get(f"/api/songs/{job['songs'][0]}.json").json()
-    assert sidecar["infill_of"] == original and sidecar["infill_bars"] == [3, 4] and sidecar["seed"] == 5
+    assert sidecar["infill_of"] == original and sidecar["infill_bars"] == [2, 3] and sidecar["seed"] == 5
 
 
 # -- note JSON ---------------------------------------------------------------------------------

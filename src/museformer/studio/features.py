@@ -7,14 +7,14 @@ found by inspection, not by version numbers, so the page shows the form-plan fie
 - ``form_supported()``: ``museformer.generate.generate`` takes a ``form`` argument;
 - ``infill_supported()``: ``museformer.infill`` imports and has a callable ``infill``.
 
-``run_infill`` is the one place that calls ``infill``. The contract it assumes (the issue's
-``museformer infill SONG.mid --bars 9-12``, as a Python call)::
+``run_infill`` is the one place that calls ``infill``::
 
-    infill(ids, bars=(first, last), model=..., tokenizer=..., config=SampleConfig, progress=callback)
-        -> Song | list[Song]
+    infill(ids, [(first, last)], model=..., tokenizer=..., config=SampleConfig, progress=callback)
+        -> museformer.infill.InfillResult
 
-with ``ids`` the song's tokens (no BOS), bars numbered from 1 and inclusive; keyword arguments the
-function does not take are not passed, so a smaller signature works too.
+with ``ids`` the song's tokens (no BOS) and bars numbered from 1, inclusive. The result becomes a
+``museformer.generate.Song`` (the whole new song, finish ``"infill"``) so the studio saves and lists
+it like any generated song.
 """
 
 from __future__ import annotations
@@ -53,19 +53,18 @@ def features() -> dict[str, bool]:
 
 
 def run_infill(ids: Sequence[int], first: int, last: int, *, model, tokenizer, config, progress=None) -> list[Any]:
-    """Regenerate bars ``first..last`` (1-based, inclusive) of a song; returns the new songs.
+    """Regenerate bars ``first..last`` (1-based, inclusive) of a song; returns the new song (a list of one).
 
     Raises:
         MuseformerError: whatever ``infill`` raises for bad bars (the server shows it).
         RuntimeError: infilling is not available (the server checks ``infill_supported`` first).
     """
+    from museformer.generate import Song
+
     function = infill_function()
     if function is None:
         raise RuntimeError("museformer.infill is not available")
-    parameters = inspect.signature(function).parameters
-    offered = {"bars": (first, last), "model": model, "tokenizer": tokenizer, "config": config,
-               "progress": progress}
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    kwargs = {k: v for k, v in offered.items() if accepts_any or k in parameters}
-    result = function(list(ids), **kwargs)
-    return list(result) if isinstance(result, (list, tuple)) else [result]
+    result = function(list(ids), [(first, last)], model=model, tokenizer=tokenizer, config=config,
+                      progress=progress)
+    return [Song(ids=list(result.ids), prompt_length=0, finish="infill", seed=result.seed, score=result.score,
+                 bars=result.bars, skipped=result.skipped)]
