@@ -294,19 +294,31 @@ def perplexity(model, bench: BenchConfig) -> list[dict]:
 
     ``band_perplexity`` of length L scores only the targets after the previous length (a causal
     model gives those first targets the same NLL at every cut, so it is a difference of sums).
+    For the same reason only the songs longer than the previous length are scored again at the next
+    one: ``total(L) = total(prev) - nll(longer songs, prev) + nll(longer songs, L)`` (equal to scoring
+    every song at L, up to the order of float sums).
     """
     from museformer.evaluate import corpus_nll
 
     test, songs = open_split(bench.data, "test"), eval_songs(bench)
     lengths = test.lengths[songs] + 1  # BOS + tokens (inputs); targets: tokens + EOS
-    out, previous = [], (0.0, 0)
+    cpu = torch.device("cpu")
+    out, previous, previous_len = [], (0.0, 0), None
     for max_len in sorted(bench.eval_lens):
-        total, count = corpus_nll(model, test, max_len, 16_384, torch.device("cpu"), "fp32", songs)
+        if previous_len is None:
+            total, count = corpus_nll(model, test, max_len, 16_384, cpu, "fp32", songs)
+        else:
+            longer = songs[lengths > previous_len]
+            total, count = previous
+            if len(longer):
+                at_prev = corpus_nll(model, test, previous_len, 16_384, cpu, "fp32", longer)
+                at_this = corpus_nll(model, test, max_len, 16_384, cpu, "fp32", longer)
+                total, count = total - at_prev[0] + at_this[0], count - at_prev[1] + at_this[1]
         band = (total - previous[0]) / (count - previous[1]) if count > previous[1] else math.nan
         out.append({"max_len": max_len, "tokens": count, "songs": len(songs),
                     "songs_longer": int((lengths > max_len).sum()), "perplexity": math.exp(total / count),
                     "band_tokens": count - previous[1], "band_perplexity": math.exp(band) if band == band else None})
-        previous = (total, count)
+        previous, previous_len = (total, count), max_len
     return out
 
 
