@@ -550,7 +550,8 @@ def report(results: list[dict], ref: analysis.SetSummary, bench: BenchConfig, do
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)
         settings = dataclasses.asdict(bench)
-        payload = {"settings": settings, "machine": machine(), "sample_seed": SAMPLE_SEED,
+        payload = {"settings": settings, "data_sha256": data_fingerprint(bench.data), "machine": machine(),
+                   "sample_seed": SAMPLE_SEED,
                    "held_out": {"songs": ref.songs, "similarity_curve": [None if v != v else float(v)
                                                                        for v in ref.stats.curve],
                                 "metrics": ref.means},
@@ -566,20 +567,63 @@ def report(results: list[dict], ref: analysis.SetSummary, bench: BenchConfig, do
 # =============================================================================================
 # main
 # =============================================================================================
+SETTINGS_FILE = "settings.json"
+FREE_SETTINGS = ("patterns", "seeds", "in_process")  # may differ between runs into one --out
+
+
+def data_fingerprint(data: str | os.PathLike) -> str:
+    """SHA-256 of a prepared corpus's meta.json and shards: any rebuild of the data changes it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ["meta.json"] + [f"{s}.{part}" for s in ("train", "valid", "test")
+                                 for part in ("offsets.npy", "tokens.bin")]:
+        path = Path(data) / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b"missing") + b"\0")
+    return digest.hexdigest()
+
+
+def check_settings(bench: BenchConfig) -> str:
+    """Record the settings and the data's fingerprint in ``OUT/settings.json``, or check them.
+
+    A folder of finished runs is reused only with the same settings (other patterns or seeds may be
+    added) and the same data, so a rerun never mixes results of two setups. Returns the fingerprint.
+    """
+    out = Path(bench.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(bench))).items() if k not in FREE_SETTINGS}
+    data_hash = data_fingerprint(bench.data)
+    path = out / SETTINGS_FILE
+    if path.exists():
+        saved = json.loads(path.read_text())
+        differ = sorted(k for k in set(settings) | set(saved.get("settings", {}))
+                        if settings.get(k) != saved["settings"].get(k))
+        if differ:
+            raise MuseformerError(f"{out} holds runs made with other settings ({', '.join(differ)}); "
+                                  f"use those settings or a new --out")
+        if saved.get("data_sha256") != data_hash:
+            raise MuseformerError(f"{bench.data} is not the data the runs in {out} were made with (it was rebuilt?); "
+                                  f"use a new --out")
+    else:
+        write_text_atomic(path, json.dumps({"settings": settings, "data_sha256": data_hash}, indent=1))
+    return data_hash
+
+
 def run(bench: BenchConfig, extras: dict[str, str] | None = None, docs: Path | None = None
         ) -> tuple[list[dict], analysis.SetSummary]:
     """The whole comparison (seed-major: every pattern of seed 0 first), then the extra models.
 
     Returns the results (one per (pattern, seed), then one per extra model) and the reference.
     """
-    out = Path(bench.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "settings.json", json.dumps(dataclasses.asdict(bench), indent=1))
+    data_hash = check_settings(bench)
     ref = reference(bench)
     results = []
     for seed in bench.seeds:
         for name in bench.patterns:
             results.append(run_one(bench, name, seed, ref))
+            if data_fingerprint(bench.data) != data_hash:
+                raise MuseformerError(f"{bench.data} changed during the run (after {name} seed {seed}); its results "
+                                      f"mix two versions of the data: start again with a new --out")
             report(results, ref, bench, docs, figure=False)  # the table so far
     for label, model_dir in (extras or {}).items():
         results.append(run_extra(bench, label, model_dir, ref))

@@ -132,3 +132,23 @@ def test_tiny_comparison_writes_its_report_and_reuses_finished_runs(bench_module
     again, _ = bench_module.run(bench, docs=docs)
     assert again == results
     assert np.isfinite([r["similarity_error"] for r in again]).all()
+
+
+def test_a_run_folder_refuses_other_settings_and_rebuilt_data(bench_module, toy_data, tmp_path):
+    """check_settings: same settings and data pass (patterns/seeds may change); others, or rebuilt data, fail."""
+    from museformer.errors import MuseformerError
+
+    data = tmp_path / "data"
+    shutil.copytree(toy_data, data)
+    bench = bench_module.BenchConfig.quick(str(data), str(tmp_path / "out"))
+    first = bench_module.check_settings(bench)
+    again = bench_module.BenchConfig.quick(str(data), str(tmp_path / "out"), patterns=("fc",), seeds=(3,))
+    assert bench_module.check_settings(again) == first
+    with pytest.raises(MuseformerError, match="train_tokens"):
+        bench_module.check_settings(bench_module.BenchConfig.quick(str(data), str(tmp_path / "out"),
+                                                                   train_tokens=999))
+    tokens = bytearray((data / "test.tokens.bin").read_bytes())
+    tokens[0] ^= 1  # one id of one held-out song changes
+    (data / "test.tokens.bin").write_bytes(bytes(tokens))
+    with pytest.raises(MuseformerError, match="rebuilt"):
+        bench_module.check_settings(bench)
