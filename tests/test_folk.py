@@ -56,6 +56,19 @@ def test_aabb_with_endings_expands_as_played() -> None:
     assert bars[24] == ((0, 67, 3 * 480),) and bars[32] == bars[24]
 
 
+def test_pickup_inside_the_repeat_completes_the_half_bar() -> None:
+    """|:pickup| 7 bars | half bar :| plays the half bar + pickup as one bar: period 8, 17 bars, no gap."""
+    tune = FolkTune("t.abc #1", "X:2\nT:Inside\nM:4/4\nL:1/8\nK:D\n"
+                    "|:A2|d2f2 a2f2|g2e2 c2e2|d2f2 a2f2|g2e2 e4|d2f2 a2f2|g2e2 c2e2|f2d2 e2c2|d6:|\n")
+    played = lay_out(expand_melody(tune), tune)
+    assert len(played.bar_starts) - 1 == 17 and set(np.diff(played.bar_starts)) == {4.0}
+    score = tune_score(played)
+    bars = bar_pitches(score, 4 * score.ticks_per_quarter, 17)
+    assert bars[1:8] == bars[9:16]  # the strain repeats exactly 8 bars on
+    assert bars[8] == ((0, 74, 3 * 480), (3 * 480, 69, 480))  # half bar + the pickup, no rest between
+    assert bars[0] == ((3 * 480, 69, 480),) and bars[16] == ((0, 74, 3 * 480),)
+
+
 def test_play_order_is_music21s_expansion_without_the_copies() -> None:
     """On |: :| repeats with endings, the bar order equals music21's Stream.expandRepeats."""
     from music21 import stream

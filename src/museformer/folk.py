@@ -17,9 +17,11 @@ What a tune becomes (``export_tune``):
   bar, about twice as fast, and in linear time on tunes such as Aird's "Yanky Doodle" where
   music21's expander runs for minutes): ``|: A :|: B :|`` becomes A A B B, so the strains repeat
   exactly 8 and 16 bars apart.
-- Bar lines fall where the score has them: the pickup (anacrusis) bar is padded with rest at its
-  start, and any other bar shorter than its time signature (the half bar before a repeat sign) is
-  padded with rest at its end, so every bar of the MIDI is a full bar of the time signature.
+- Bar lines fall where the score has them: the opening pickup (anacrusis) bar is padded with rest
+  at its start; a short bar followed by a short bar that completes it (the half bar before a repeat
+  sign, then the pickup written inside the repeat) is played as one bar, as a performer plays it;
+  any other short bar is padded with rest at its end. So every bar of the MIDI is a full bar of the
+  time signature, and a strain with its pickup inside the repeat still repeats every 8 bars.
 - The melody is the lead track (GM program 80, as the chorales' top part). Where a tune writes chord
   symbols (``"G"``, ``"Am"``, ``"D7"``), they are realised as a second track of block chords on the
   piano (program 0), music21's voicing of each symbol, struck at the symbol and again at each bar
@@ -215,44 +217,62 @@ def lay_out(measures, tune: FolkTune | None = None) -> PlayedTune:
     bar_starts, signatures, notes, chords = [], [], [], []
     open_ties: dict[int, int] = {}  # MIDI pitch -> index in notes of a note whose tie continues
     time = 0.0
-    for i, measure in enumerate(measures):
+    k = 0
+    while k < len(measures):
+        measure = measures[k]
         if measure.timeSignature is not None:
             ts = measure.timeSignature
         bar = float(ts.barDuration.quarterLength)
         content = float(measure.duration.quarterLength)
-        length = bar if content <= bar + 1e-9 else bar * math.ceil(content / bar - 1e-9)
-        pad = bar - content if i == 0 and content < bar else 0.0  # the pickup's music ends its bar
+        pieces = [(measure, 0.0)]  # (measure, where its music starts in this bar)
+        nxt = measures[k + 1] if k + 1 < len(measures) else None
+        same_meter = nxt is not None and (nxt.timeSignature is None or nxt.timeSignature.ratioString == ts.ratioString)
+        if (k > 0 and content < bar and same_meter
+                and abs(content + float(nxt.duration.quarterLength) - bar) < 1e-6):
+            pieces.append((nxt, content))  # a half bar and the pickup after it are one bar, as played
+            k += 1
+        elif k == 0 and content < bar:
+            pieces = [(measure, bar - content)]  # the opening pickup's music ends its bar
+        filled = sum(float(m.duration.quarterLength) for m, _ in pieces)
+        length = bar if filled <= bar + 1e-9 else bar * math.ceil(filled / bar - 1e-9)
         if not signatures or signatures[-1][1:] != (ts.numerator, ts.denominator):
             signatures.append((time, ts.numerator, ts.denominator))
         bar_starts.append(time)
-        for el in measure.flatten().notes:
-            at = time + pad + float(el.offset)
-            if isinstance(el, harmony.ChordSymbol):
-                pitches = _chord_pitches(el)
-                if pitches:
-                    chords.append((at, pitches))
-                continue
-            if el.duration.isGrace or el.duration.quarterLength <= 0:
-                continue
-            end = at + float(el.duration.quarterLength)
-            tie = el.tie.type if el.tie is not None else None
-            for p in el.pitches:
-                midi = int(p.midi)
-                held = open_ties.get(midi)
-                if held is not None and tie in ("stop", "continue") and abs(notes[held][1] - at) < 1e-6:
-                    notes[held][1] = end
-                else:
-                    held = len(notes)
-                    notes.append([at, end, midi])
-                if tie in ("start", "continue"):
-                    open_ties[midi] = held
-                else:
-                    open_ties.pop(midi, None)
+        for piece, pad in pieces:
+            for el in piece.flatten().notes:
+                at = time + pad + float(el.offset)
+                if isinstance(el, harmony.ChordSymbol):
+                    pitches = _chord_pitches(el)
+                    if pitches:
+                        chords.append((at, pitches))
+                    continue
+                if el.duration.isGrace or el.duration.quarterLength <= 0:
+                    continue
+                _add_note(notes, open_ties, el, at)
         time += length
+        k += 1
     bar_starts.append(time)
     if not notes and tune is not None:
         raise _fail(tune, "no notes")
     return PlayedTune(tuple(bar_starts), tuple(signatures), tuple(tuple(n) for n in notes), tuple(chords), qpm)
+
+
+def _add_note(notes: list, open_ties: dict[int, int], el, at: float) -> None:
+    """Append note/chord ``el`` at ``at`` to ``notes`` ([start, end, pitch]); a tied note extends its start."""
+    end = at + float(el.duration.quarterLength)
+    tie = el.tie.type if el.tie is not None else None
+    for p in el.pitches:
+        midi = int(p.midi)
+        held = open_ties.get(midi)
+        if held is not None and tie in ("stop", "continue") and abs(notes[held][1] - at) < 1e-6:
+            notes[held][1] = end
+        else:
+            held = len(notes)
+            notes.append([at, end, midi])
+        if tie in ("start", "continue"):
+            open_ties[midi] = held
+        else:
+            open_ties.pop(midi, None)
 
 
 def _chord_pitches(symbol) -> tuple[int, ...]:
