@@ -30,8 +30,9 @@ from museformer.vocab import TokenKind
 
 def tempo_changes(ids, vocab) -> int:
     """Number of t-* tokens whose value differs from the previous t-*."""
-    tempos = [int(vocab.values[t]) for t in ids if vocab.kinds[t] == TokenKind.TEMPO]
-    return sum(a != b for a, b in zip(tempos, tempos[1:]))
+    ids = np.asarray(ids, dtype=np.int64)
+    tempos = np.asarray(vocab.values)[ids[np.asarray(vocab.kinds)[ids] == TokenKind.TEMPO]]
+    return int((tempos[1:] != tempos[:-1]).sum())
 
 
 def corpus_songs(data: Path, splits: tuple[str, ...]) -> list[tuple[str, np.ndarray]]:
