@@ -195,7 +195,7 @@ def add_prepare(sub) -> None:
     )
     p.add_argument("paths", nargs="+", metavar="[INPUT_DIR] OUT_DIR",
                    help="input folder and output folder (only OUT_DIR with --corpus)")
-    p.add_argument("--corpus", default=None, choices=["bach", "music21-all"],
+    p.add_argument("--corpus", default=None, choices=["bach", "folk", "essen", "music21-all"],
                    help="export this music21 corpus to MIDI and prepare it (needs music21)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="with --corpus: only the first N scores")
     add_workers(p)
@@ -541,17 +541,24 @@ def add_generate(sub) -> None:
         description="Generate songs as MIDI files, each with a JSON sidecar (checkpoint hash, options, seed) "
         "that makes it reproducible. Lengths count the whole song, prompt included.",
     )
-    p.add_argument("--checkpoint", metavar="DIR",
-                   help="checkpoint directory, or a training run folder (its model/, else its newest "
-                   "checkpoints/step-N) (default: the bundled model)")
+    from museformer.bundled import BUNDLED_MODELS, DEFAULT_MODEL
+
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", metavar="NAME",
+                       help=f"a bundled model: {' or '.join(BUNDLED_MODELS)} (default {DEFAULT_MODEL}; "
+                       "see docs/pretrained.md)")
+    which.add_argument("--checkpoint", metavar="DIR",
+                       help="checkpoint directory, or a training run folder (its model/, else its newest "
+                       "checkpoints/step-N) (default: the bundled model)")
     num = _default(generate_to_folder, "num_songs")
     p.add_argument("-n", "--num", type=int, default=num, metavar="N", help=f"number of songs (default {num})")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--bars", type=int, metavar="B",
-                        help="songs of exactly B bars, prompt included (end-of-song only after bar B)")
-    length.add_argument("--max-tokens", type=int, default=d.max_tokens, metavar="T",
+                        help="songs of exactly B bars, prompt included (end-of-song only after bar B) "
+                        "(default: the model's recommended length, 64 bars for the folk model; else none)")
+    length.add_argument("--max-tokens", type=int, default=None, metavar="T",
                         help=f"stop each song at T tokens, cut back to its last complete bar (default {d.max_tokens})")
-    p.add_argument("--min-tokens", type=int, default=d.min_tokens, metavar="T",
+    p.add_argument("--min-tokens", type=int, default=None, metavar="T",
                    help=f"end-of-song is forbidden before T tokens (default {d.min_tokens}, as the paper; "
                    "unused with --bars)")
     p.add_argument("--prompt", metavar="MIDI", help="a MIDI file to continue")
@@ -599,9 +606,11 @@ def sample_config_from_args(args: argparse.Namespace):
     """The ``SampleConfig`` of ``museformer generate``'s flags."""
     from museformer.generate import SampleConfig
 
+    d = SampleConfig()
     return SampleConfig(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        max_tokens=args.max_tokens, max_bars=args.bars, min_tokens=args.min_tokens,
+        max_tokens=d.max_tokens if args.max_tokens is None else args.max_tokens, max_bars=args.bars,
+        min_tokens=d.min_tokens if args.min_tokens is None else args.min_tokens,
         grammar=not args.no_grammar, instruments=args.instruments, tempo=args.tempo,
         tempo_changes=args.tempo_changes,
     )
@@ -611,10 +620,16 @@ def _generate(args) -> int:
     from museformer.songs import generate_to_folder
     from museformer.train import resolve_device
 
+    from museformer.checkpoint import resolve_checkpoint
+    from museformer.generate import bundled_checkpoint, with_model_defaults
+
     check_output(args.output, "dir")
+    directory = resolve_checkpoint(args.checkpoint) if args.checkpoint else bundled_checkpoint(args.model)
+    given = [name for name, flag in (("max_bars", args.bars), ("max_tokens", args.max_tokens),
+                                     ("min_tokens", args.min_tokens)) if flag is not None]
     generate_to_folder(
-        args.output, args.checkpoint, num_songs=args.num, prompt=args.prompt, prompt_bars=args.prompt_bars,
-        config=sample_config_from_args(args), batch_size=args.batch_size, device=str(resolve_device(args.device)),
+        args.output, directory, num_songs=args.num, prompt=args.prompt, prompt_bars=args.prompt_bars,
+        config=with_model_defaults(sample_config_from_args(args), directory, given), batch_size=args.batch_size, device=str(resolve_device(args.device)),
         render=args.render, soundfont=args.soundfont, threads=args.threads, log=print, progress=not args.quiet,
         form=args.form, form_file=args.form_file, candidates=args.candidates,
     )

@@ -8,6 +8,12 @@ Corpora (``CORPORA``):
 - ``bach``: the Bach chorales (``music21.corpus.getComposer("bach")``, about 410 scores). When a
   score has parts named Soprano, Alto, Tenor and Bass, only those four are kept (instrumental
   doublings such as horns or oboes are dropped), so every chorale is the same four voices.
+- ``folk``: every ABC tune of ``museformer.folk.FOLK_COLLECTIONS`` (4,435 tunes: O'Neill's 1850,
+  Ryan's Mammoth Collection, Aird's Airs, ...), repeats and endings played out, the
+  melody as lead (80) plus, where the tune has chord symbols, a piano (0) track of block chords;
+  see ``museformer.folk``. One MIDI file per tune: ``COLLECTION/BOOK/NNNN.mid`` (NNNN = the tune's
+  place in its book).
+- ``essen``: the 8,514 songs of the Essen folksong collection, the same way (they have no repeats).
 - ``music21-all``: every multi-part score of ``MULTI_PART_COMPOSERS`` (Bach plus Beethoven string
   quartets, Haydn, Mozart, Palestrina masses, Monteverdi madrigals, Trecento pieces, ...).
 
@@ -28,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from museformer.errors import MuseformerError, ParameterError
-from museformer.files import write_midi_atomic
+from museformer.files import write_midi_atomic, write_text_atomic
+from museformer.folk import ESSEN_COLLECTIONS, FOLK_COLLECTIONS, FolkTune, export_tune, folk_tunes, read_abc_text
 
 LEAD, STRINGS, PIANO, GUITAR, BASS = 80, 48, 0, 25, 43
 MIDDLE_PROGRAMS = (STRINGS, PIANO, GUITAR)
@@ -38,7 +45,10 @@ MULTI_PART_COMPOSERS = (
     "bach", "beethoven", "haydn", "mozart", "palestrina", "monteverdi", "trecento", "handel",
     "corelli", "cpebach", "schubert", "verdi", "weber", "ciconia", "luca",
 )
-CORPORA = {"bach": ("bach",), "music21-all": MULTI_PART_COMPOSERS}
+CORPORA = {"bach": ("bach",), "music21-all": MULTI_PART_COMPOSERS, "folk": FOLK_COLLECTIONS,
+           "essen": ESSEN_COLLECTIONS}
+ABC_CORPORA = ("folk", "essen")
+FAILED_LIST = "export-failed.tsv"  # in the MIDI folder: sources that failed, not retried on re-runs
 
 
 def _music21():
@@ -59,14 +69,16 @@ def part_programs(n_parts: int) -> list[int]:
     return [LEAD, *middle, BASS]
 
 
-def corpus_sources(name: str, limit: int | None = None) -> list[tuple[str, Path]]:
-    """(relative MIDI name, score path) of every score of corpus ``name``, sorted by name."""
+def corpus_sources(name: str, limit: int | None = None) -> list[tuple[str, Path | FolkTune]]:
+    """(relative MIDI name, score path or ABC tune) of every piece of corpus ``name``, sorted by name."""
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ParameterError("limit", f"must be a number of scores >= 1, got {limit!r}")
     if name not in CORPORA:
         raise MuseformerError(f"unknown corpus {name!r}; choose from {', '.join(CORPORA)}")
     music21 = _music21()
     root = Path(music21.common.getCorpusFilePath())
+    if name in ABC_CORPORA:
+        return _folk_sources(music21, root, CORPORA[name], limit)
     sources: list[tuple[str, Path]] = []
     for composer in CORPORA[name]:
         for path in music21.corpus.getComposer(composer):
@@ -84,6 +96,24 @@ def corpus_sources(name: str, limit: int | None = None) -> list[tuple[str, Path]
         best.setdefault(rel, path)
     sources = sorted(best.items())
     return sources[:limit] if limit is not None else sources
+
+
+def _folk_sources(music21, root: Path, collections: Sequence[str], limit: int | None) -> list[tuple[str, FolkTune]]:
+    """Every tune of every ABC book of ``collections``, named COLLECTION/BOOK/NNNN.mid."""
+    sources: list[tuple[str, FolkTune]] = []
+    for path in sorted(Path(p) for p in music21.corpus.getPaths(fileExtensions=("abc",))):
+        try:
+            rel = path.relative_to(root)
+        except ValueError:
+            continue
+        if rel.parts[0] not in collections:
+            continue
+        book = rel.with_suffix("").as_posix()
+        for i, tune in enumerate(folk_tunes(read_abc_text(path), rel.as_posix())):
+            sources.append((f"{book}/{i + 1:04d}.mid", tune))
+            if limit is not None and len(sources) >= limit:
+                return sources
+    return sources
 
 
 def export_score(source: str | Path, dest: str | Path, *, chorale_voices: bool = True) -> None:
@@ -150,12 +180,15 @@ def export_score(source: str | Path, dest: str | Path, *, chorale_voices: bool =
     write_midi_atomic(midi_score, dest)
 
 
-def _export_many(jobs: Sequence[tuple[str, str, bool]]) -> list[tuple[str, str]]:
+def _export_many(jobs: Sequence[tuple[str | FolkTune, str, bool]]) -> list[tuple[str, str]]:
     """Export (source, dest, chorale_voices) jobs; returns (dest, error) for the failures."""
     failed = []
     for source, dest, voices in jobs:
         try:
-            export_score(source, dest, chorale_voices=voices)
+            if isinstance(source, FolkTune):
+                export_tune(source, dest)
+            else:
+                export_score(source, dest, chorale_voices=voices)
         except MuseformerError as e:
             failed.append((dest, str(e)))
         except Exception as e:  # noqa: BLE001 - one bad score must not stop the corpus
@@ -170,7 +203,25 @@ class ExportReport:
     midi_dir: Path
     written: int
     existing: int
-    failed: tuple[tuple[str, str], ...]  # (relative MIDI name, reason)
+    failed: tuple[tuple[str, str], ...]  # (relative MIDI name, reason), this run's and earlier runs'
+    failed_before: int = 0  # how many of ``failed`` an earlier run recorded (not retried)
+
+    @property
+    def failed_list(self) -> Path:
+        return self.midi_dir / FAILED_LIST
+
+
+def read_failed_list(midi_dir: Path) -> dict[str, str]:
+    """The failures an earlier export recorded in ``midi_dir/FAILED_LIST`` (relative name -> reason)."""
+    path = Path(midi_dir) / FAILED_LIST
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        rel, _, why = line.partition("\t")
+        if rel:
+            out[rel] = why
+    return out
 
 
 def export_corpus(
@@ -181,16 +232,18 @@ def export_corpus(
     limit: int | None = None,
     progress: bool = True,
 ) -> ExportReport:
-    """Export corpus ``name`` to ``midi_dir`` (one ``.mid`` per score, mirroring music21's folders).
+    """Export corpus ``name`` to ``midi_dir`` (one ``.mid`` per piece, mirroring music21's folders).
 
     Files already present are kept (exports are atomic, so a present file is complete), which makes
     re-running cheap and keeps their modification times, so ``prepare`` reuses their encodings.
+    Pieces that fail are listed in ``midi_dir/export-failed.tsv`` (name, reason) and not tried again
+    by a re-run (delete the list to retry them); they are reported either way.
 
     Args:
         name: a key of ``CORPORA``.
         midi_dir: output folder.
         workers: worker processes (1 exports in this process).
-        limit: export only the first ``limit`` scores in name order (tests, quick tries).
+        limit: export only the first ``limit`` pieces in name order (tests, quick tries).
         progress: show a tqdm progress bar.
     """
     from tqdm.auto import tqdm
@@ -199,25 +252,34 @@ def export_corpus(
 
     midi_dir = check_output_path(Path(midi_dir), "dir", what="MIDI folder")
     sources = corpus_sources(name, limit)
+    known_failed = read_failed_list(midi_dir)
     voices = name == "bach"
-    jobs = [(str(src), str(midi_dir / rel), voices) for rel, src in sources if not (midi_dir / rel).exists()]
-    existing = len(sources) - len(jobs)
+    jobs = [(src, str(midi_dir / rel), voices) for rel, src in sources
+            if rel not in known_failed and not (midi_dir / rel).exists()]
+    before = {rel: known_failed[rel] for rel, _ in sources if rel in known_failed}
+    existing = len(sources) - len(jobs) - len(before)
     chunks = [jobs[i : i + 8] for i in range(0, len(jobs), 8)]
     failed: list[tuple[str, str]] = []
-    with tqdm(total=len(jobs), unit="score", desc=f"exporting {name}", disable=not progress or not jobs) as bar:
-        if workers == 1:
-            results = map(_export_many, chunks)
-        else:
-            from museformer.workers import process_pool
+    try:
+        with tqdm(total=len(jobs), unit="piece", desc=f"exporting {name}", disable=not progress or not jobs) as bar:
+            if workers == 1:
+                results = map(_export_many, chunks)
+            else:
+                from museformer.workers import process_pool
 
-            pool = process_pool(workers)  # its workers exit when this process dies
-            results = pool.map(_export_many, chunks)
-        try:
-            for chunk, chunk_failed in zip(chunks, results):
-                failed.extend(chunk_failed)
-                bar.update(len(chunk))
-        finally:
-            if workers != 1:
-                pool.shutdown(wait=True, cancel_futures=True)
-    failed_rel = tuple(sorted((Path(d).relative_to(midi_dir).as_posix(), why) for d, why in failed))
-    return ExportReport(midi_dir, len(jobs) - len(failed), existing, failed_rel)
+                pool = process_pool(workers)  # its workers exit when this process dies
+                results = pool.map(_export_many, chunks)
+            try:
+                for chunk, chunk_failed in zip(chunks, results):
+                    failed.extend(chunk_failed)
+                    bar.update(len(chunk))
+            finally:
+                if workers != 1:
+                    pool.shutdown(wait=True, cancel_futures=True)
+    finally:  # record what failed so far, also when interrupted
+        new = {Path(d).relative_to(midi_dir).as_posix(): why.replace("\n", " ") for d, why in failed}
+        if new:
+            merged = {**known_failed, **new}
+            write_text_atomic(midi_dir / FAILED_LIST, "".join(f"{r}\t{w}\n" for r, w in sorted(merged.items())))
+    failed_rel = tuple(sorted({**before, **new}.items()))
+    return ExportReport(midi_dir, len(jobs) - len(failed), existing, failed_rel, len(before))

@@ -396,27 +396,40 @@ class Song:
 
 
 def _as_model(model, tokenizer, checkpoint, device):
-    """(model, tokenizer, checkpoint dir or None) from what the caller gave."""
-    if model is not None:
+    """(model, tokenizer, checkpoint dir or None) from what the caller gave.
+
+    ``model`` is a loaded model (with its ``tokenizer``), the name of a bundled model
+    (``museformer.bundled.BUNDLED_MODELS``) or None (then ``checkpoint``, else the default bundled model).
+    """
+    if model is not None and not isinstance(model, str):
         if tokenizer is None:
             raise MuseformerError("pass the model's tokenizer together with model=")
         return model, tokenizer, None
     from museformer.checkpoint import load, resolve_checkpoint
 
-    directory = resolve_checkpoint(checkpoint) if checkpoint is not None else bundled_checkpoint()
+    if isinstance(model, str) and checkpoint is not None:
+        raise MuseformerError(f"give a bundled model name (model={model!r}) or a checkpoint, not both")
+    directory = resolve_checkpoint(checkpoint) if checkpoint is not None else bundled_checkpoint(model)
     model, tokenizer = load(directory, device=device)
     return model, tokenizer, directory
 
 
-def bundled_checkpoint() -> Path:
-    """The default model shipped inside the package (``museformer/pretrained/default/``)."""
-    from importlib import resources
+def bundled_checkpoint(name: str | None = None) -> Path:
+    """The bundled model ``name`` (None = the default; ``museformer.bundled``)."""
+    from museformer import bundled
 
-    ref = resources.files("museformer") / "pretrained" / "default"
-    path = Path(str(ref))
-    if not (path / "model.safetensors").is_file():
-        raise MuseformerError("no bundled model in this install; pass --checkpoint DIR")
-    return path
+    return bundled.bundled_checkpoint(name)
+
+
+def with_model_defaults(config: SampleConfig, directory: Path | None, given: Sequence[str] = ()) -> SampleConfig:
+    """``config`` with the length defaults a checkpoint recommends (its ``sample.json``), unless
+    the caller chose a length itself (any of ``max_bars``, ``max_tokens``, ``min_tokens`` in ``given``)."""
+    from museformer.bundled import sample_defaults
+
+    if directory is None or set(given) & {"max_bars", "max_tokens", "min_tokens"}:
+        return config
+    defaults = sample_defaults(directory)
+    return dataclasses.replace(config, **defaults) if defaults else config
 
 
 def generate(
@@ -439,9 +452,11 @@ def generate(
 
     Args:
         checkpoint: a checkpoint directory or a training run folder (its ``model/``, else its newest
-            ``checkpoints/step-N``: ``checkpoint.resolve_checkpoint``); None = the bundled model
-            (unless ``model`` is given).
-        model, tokenizer: an already loaded model (eval mode) and its tokenizer.
+            ``checkpoints/step-N``: ``checkpoint.resolve_checkpoint``); None = a bundled model.
+        model, tokenizer: an already loaded model (eval mode) and its tokenizer; or ``model`` =
+            the name of a bundled model (``"folk"``, ``"chorales"``; None = the default one).
+            Without ``config`` and length options, a bundled model's recommended length applies
+            (the folk model: ``max_bars=64``; ``museformer.bundled.sample_defaults``).
         num_songs: how many songs.
         prompt: a MIDI file to continue, or prompt ids (no BOS); None = start from scratch.
         prompt_bars: keep only the first bars of the prompt.
@@ -462,6 +477,7 @@ def generate(
         MuseformerError: a bad option, or a prompt that leaves nothing to generate (it already has
             ``max_bars`` bars or ``max_tokens`` tokens).
     """
+    given = list(options) if config is None else ["max_bars", "max_tokens", "min_tokens"]
     config = dataclasses.replace(config or SampleConfig(), **options) if options else (config or SampleConfig())
     plan = None
     if form is not None:  # bar-by-bar decoding to a plan: museformer.form
@@ -471,7 +487,9 @@ def generate(
         config = plan_bars(plan, config)
     check_run_options(config, num_songs=num_songs, batch_size=batch_size, prompt_bars=prompt_bars)
     batch_size = num_songs if batch_size is None else batch_size
-    model, tokenizer, _ = _as_model(model, tokenizer, checkpoint, device)
+    model, tokenizer, directory = _as_model(model, tokenizer, checkpoint, device)
+    config = with_model_defaults(config, directory, given)
+    check_run_options(config, num_songs=num_songs, batch_size=batch_size, prompt_bars=prompt_bars)
     model.eval()
     if prompt is None:
         prompt_ids: list[int] = []

@@ -103,6 +103,7 @@ def generate_to_folder(
     out_dir: str | os.PathLike,
     checkpoint: str | os.PathLike | None = None,
     *,
+    model: str | None = None,
     num_songs: int = 1,
     prompt: str | os.PathLike | None = None,
     prompt_bars: int | None = None,
@@ -124,7 +125,9 @@ def generate_to_folder(
     number; each name is claimed with an exclusive create, so neither a second run nor one running
     at the same time into the same folder ever overwrites a song). Every option and the output
     folder are checked before the model is loaded. ``progress`` shows a tqdm bar (bars with a bar
-    limit, else tokens) on a terminal. With ``form`` (plan text or dict) or ``form_file`` (JSON)
+    limit, else tokens) on a terminal. ``model`` names a bundled model (instead of ``checkpoint``);
+    with neither, the default bundled model. ``config`` is used as given (the CLI applies a bundled
+    model's recommended length itself). With ``form`` (plan text or dict) or ``form_file`` (JSON)
     songs follow a form plan (``museformer.form``; the sidecar records it) and ``render`` also
     draws ``song_NNN_form.png``, the plan next to the achieved bar similarity. Returns the sidecars.
     """
@@ -152,7 +155,7 @@ def generate_to_folder(
         raise MuseformerError(f"--device must be cpu or cuda, got {device!r}")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise MuseformerError("--device cuda: no CUDA GPU is available to this PyTorch")
-    model, tokenizer, directory = _as_model(None, None, checkpoint, device)
+    model, tokenizer, directory = _as_model(model, None, checkpoint, device)
     if config.seed is None:  # fix the seed now so the sidecars can name it
         config = dataclasses.replace(config, seed=song_seeds(config, 1)[0])
     with _progress_bar(progress, num_songs, config, tokenizer.vocab.bar_id) as on_event:
