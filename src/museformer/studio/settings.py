@@ -61,13 +61,16 @@ class ModelChoice:
 
 
 def bundled_models() -> list[ModelChoice]:
-    """Every checkpoint folder under ``museformer/pretrained/`` (``default`` first, then by name)."""
+    """Every checkpoint folder under ``museformer/pretrained/`` (the default bundled model first,
+    ``museformer.bundled.DEFAULT_MODEL``, then by name)."""
+    from museformer.bundled import DEFAULT_MODEL
     from museformer.checkpoint import is_checkpoint
 
     root = Path(str(resources.files("museformer") / "pretrained"))
     folders = sorted((p for p in root.iterdir() if p.is_dir() and is_checkpoint(p)) if root.is_dir() else (),
-                     key=lambda p: (p.name != "default", p.name))
-    return [ModelChoice(p.name, f"{p.name} (bundled)", p, True) for p in folders]
+                     key=lambda p: (p.name != DEFAULT_MODEL, p.name))
+    return [ModelChoice(p.name, f"{p.name} (bundled{', default' if p.name == DEFAULT_MODEL else ''})", p, True)
+            for p in folders]
 
 
 def instrument_programs(tokenizer) -> list[int]:
