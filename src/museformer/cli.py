@@ -693,18 +693,14 @@ def add_infill(sub) -> None:
 
 
 def _infill(args) -> int:
-    import torch
-
     from museformer.infill import infill, write_infill
+    from museformer.songs import use_threads
     from museformer.train import resolve_device
 
     check_output(args.output, "file", (".mid", ".midi"))
     if not Path(args.song).is_file():
         raise ParameterError("song", f"{args.song}: no such file")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ParameterError("threads", f"must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     result = infill(args.song, args.bars, args.checkpoint, candidates=args.num, choose=args.choose,
                     instruments=args.instruments,
                     device=str(resolve_device(args.device)), top_k=args.top_k, top_p=args.top_p,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from museformer.errors import MuseformerError
+from museformer.errors import MuseformerError, ParameterError
 from museformer.generate import SampleConfig, Song, _as_model, check_run_options, generate, song_seeds
 from museformer.vocab import EOS_ID
 
@@ -45,6 +45,19 @@ def next_song_number(out_dir: str | os.PathLike) -> int:
     numbers = (int(p.stem[len(SONG_PREFIX):]) for p in Path(out_dir).glob(f"{SONG_PREFIX}*.mid")
                if p.stem[len(SONG_PREFIX):].isdigit())
     return 1 + max(numbers, default=-1)
+
+
+def use_threads(threads: int | None) -> None:
+    """Set PyTorch's CPU thread count for this run (None: leave it as it is).
+
+    Raises:
+        ParameterError("threads", ...): fewer than 1.
+    """
+    if threads is None:
+        return
+    if threads < 1:
+        raise ParameterError("threads", f"must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def save_song(song: Song, out_dir: str | os.PathLike, name: str | None = None, *, metadata: dict[str, Any],
@@ -145,10 +158,7 @@ def generate_to_folder(
         config = plan_bars(plan, config)
     check_output_path(out_dir, "dir", what="output folder")
     check_run_options(config, num_songs=num_songs, batch_size=batch_size, prompt_bars=prompt_bars)
-    if threads is not None:
-        if threads < 1:
-            raise MuseformerError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    use_threads(threads)
     if prompt_bars is not None and prompt is None:
         raise MuseformerError("--prompt-bars needs --prompt MIDI")
     if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
