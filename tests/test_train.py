@@ -271,6 +271,69 @@ def test_cli_evaluate_shows_progress_and_writes_the_documented_json(prepared, tm
     assert layout(json.loads(out.read_text())) == layout(shown)
 
 
+def test_repeated_bars_marks_the_targets_of_bars_equal_to_the_bar_k_earlier():
+    """repeated_bars: a target belongs to the bar of the input after it; a bar counts as repeated
+    only when it equals the bar k earlier token for token (the cut last bar never does)."""
+    from museformer.evaluate import repeated_bars
+
+    B = 9  # any id standing for b-1
+    # BOS | bar 1: 5 6 B | bar 2: 7 B | bar 3: 5 6 B | bar 4: 7 B | bar 5 (cut): 5
+    ids = np.array([1, 5, 6, B, 7, B, 5, 6, B, 7, B, 5])
+    bars = np.array([0, 1, 1, 1, 2, 2, 3, 3, 3, 4, 4, 5])
+    got = repeated_bars(ids, bars, 2)
+    # targets t = inputs t + 1: bars 3 and 4 repeat bars 1 and 2; bar 5 (5 alone) is not bar 3 (5 6 B)
+    target_bar = np.concatenate([bars[1:], bars[-1:]])
+    assert got.tolist() == [b in (3, 4) for b in target_bar]
+    assert not repeated_bars(ids, bars, 1).any()
+    with pytest.raises(MuseformerError, match="intervals"):
+        repeated_bars(ids, bars, 0)
+
+
+def test_repeat_bar_nll_splits_the_corpus_nll(prepared, tmp_path):
+    """repeat_bar_nll with no interval scores every target like corpus_nll; with intervals, the
+    repeated and other targets add up to all targets and their NLLs to the total."""
+    from museformer.data import Corpus
+    from museformer.evaluate import corpus_nll, repeat_bar_nll, repeated_bars
+    from museformer.model import Museformer
+
+    corpus = Corpus(prepared, "test")
+    cfg = _config(prepared, tmp_path).model.replace(vocab=corpus.vocab.name, vocab_size=len(corpus.vocab))
+    torch.manual_seed(0)
+    model = Museformer(cfg, vocab=corpus.vocab).eval()
+    cpu = torch.device("cpu")
+    total, count = corpus_nll(model, corpus, 160, 400, cpu)
+    plain = repeat_bar_nll(model, corpus, 160, (), 400, cpu)
+    assert plain["other"]["tokens"] == count and plain["repeat"] == {}
+    assert plain["other"]["mean_nll"] == pytest.approx(total / count, rel=1e-5)
+    expected = sum(int(repeated_bars(s.model_inputs(160)["input_ids"], s.model_inputs(160)["bar_ids"], 1).sum())
+                   for s in corpus)
+    split = repeat_bar_nll(model, corpus, 160, (1,), 400, cpu)
+    assert split["repeat"][1]["tokens"] == expected > 0
+    assert split["repeat"][1]["tokens"] + split["other"]["tokens"] == count
+    parts = sum(e["mean_nll"] * e["tokens"] for e in (split["repeat"][1], split["other"]))
+    assert parts == pytest.approx(total, rel=1e-5)
+
+
+def test_cli_evaluate_repeats_prints_and_writes_the_repeat_bar_nll(prepared, tmp_path, capsys):
+    """'museformer evaluate --repeats 1' prints the repeated-bar line and writes "repeat_bars";
+    a zero interval is one error naming --repeats."""
+    from museformer.checkpoint import save_checkpoint
+    from museformer.data import Corpus
+    from museformer.model import Museformer
+
+    corpus = Corpus(prepared, "test")
+    cfg = _config(prepared, tmp_path).model.replace(vocab=corpus.vocab.name, vocab_size=len(corpus.vocab))
+    save_checkpoint(tmp_path / "ckpt", Museformer(cfg, vocab=corpus.vocab), corpus.tokenizer)
+    out = tmp_path / "ppl.json"
+    argv = ["evaluate", str(tmp_path / "ckpt"), str(prepared), "--max-len", "64", "160", "--quiet"]
+    assert cli_main(argv + ["--repeats", "1", "-o", str(out)]) == 0
+    assert "bars repeating bar b-1: mean NLL" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["repeat_bars"]["max_len"] == 160 and set(report["repeat_bars"]["repeat"]) == {"1"}
+    assert cli_main(argv + ["--repeats", "0"]) != 0
+    assert "--repeats" in capsys.readouterr().err
+
+
 def test_unigram_baseline_by_hand(prepared):
     """The unigram baseline is exp(mean -log p) with add-one-smoothed train-split frequencies."""
     from museformer.data import Corpus

@@ -4,7 +4,9 @@ This module owns how a model is scored on prepared songs: ``batch_nll`` (the sum
 NLL of one collated batch, the quantity training minimises and evaluation accumulates),
 ``corpus_nll`` (over songs of a split, in deterministic length-sorted batches),
 ``evaluate_perplexity`` (the paper's perplexity at several truncation lengths) and
-``unigram_perplexity`` (the baseline a sequence model must beat). The loss itself is
+``unigram_perplexity`` (the baseline a sequence model must beat) and ``repeat_bar_nll`` (how well
+the model predicts bars that repeat an earlier bar: whether it learnt to copy through its fine
+attention, without sampling a single song). The loss itself is
 ``museformer.model.lm_loss``; batches come from ``museformer.data``. It knows nothing about MIDI or
 about training (no optimiser, no schedule).
 """
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from museformer.data import corpus_batch, evaluation_batches, input_lengths, open_split
 from museformer.errors import MuseformerError, ParameterError
@@ -98,6 +101,71 @@ def unigram_perplexity(train_corpus, eval_corpus, max_len: int) -> float:
     return math.exp(nll / max(n, 1))
 
 
+def repeated_bars(input_ids: np.ndarray, bar_ids: np.ndarray, interval: int) -> np.ndarray:
+    """Which target positions lie in a bar that repeats, token for token, the bar ``interval`` bars earlier.
+
+    ``input_ids`` / ``bar_ids`` are one song's model inputs (``Song.model_inputs``, PAD-free); target
+    ``t`` is input ``t + 1``, so it belongs to bar ``bar_ids[t + 1]`` (the last target, EOS or the
+    cut, to the last bar). A bar is compared whole (its ``b-1`` included), so a bar cut by
+    ``max_len`` does not count as repeated. Bar 0 (BOS) never repeats. Shapes: ``(T,)`` -> ``(T,)`` bool.
+    """
+    if interval < 1:
+        raise ParameterError("intervals", f"values must be >= 1, got {interval}")
+    bars = np.asarray(bar_ids)
+    ids = np.asarray(input_ids)
+    numbers, starts = np.unique(bars, return_index=True)
+    content = {int(b): ids[bars == b].tobytes() for b in numbers if b >= 1}
+    repeats = {b for b, tokens in content.items() if content.get(b - interval) == tokens}
+    target_bar = np.concatenate([bars[1:], bars[-1:]])
+    return np.isin(target_bar, list(repeats)) if repeats else np.zeros(len(bars), dtype=bool)
+
+
+@torch.no_grad()
+def repeat_bar_nll(model, corpus, max_len: int, intervals, batch_tokens: int, device: torch.device,
+                   songs: np.ndarray | None = None) -> dict[str, Any]:
+    """Mean NLL of the targets in bars that repeat an earlier bar exactly, and of all other targets.
+
+    A model that copies a strain through its fine attention predicts a repeated bar almost surely
+    (NLL near 0); one that does not scores it like any other bar. Each interval ``k`` gets the
+    targets of bars equal to bar ``b - k`` (``repeated_bars``); ``"other"`` gets the targets of bars
+    that repeat at none of the intervals. With no intervals, ``"other"`` is every target, so its mean
+    equals ``corpus_nll``'s.
+
+    Returns:
+        ``{"max_len", "repeat": {k: {"tokens", "mean_nll"}}, "other": {"tokens", "mean_nll"}}``.
+    """
+    intervals = [int(k) for k in intervals]
+    for k in intervals:
+        if k < 1:
+            raise ParameterError("intervals", f"values must be >= 1, got {k}")
+    songs = np.arange(len(corpus)) if songs is None else songs
+    lengths = input_lengths(corpus, max_len)[songs]
+    sums = {k: [0.0, 0] for k in intervals}
+    other = [0.0, 0]
+    for picked in evaluation_batches(lengths, batch_tokens):
+        batch = corpus_batch(corpus, songs[picked], max_len)
+        inputs = {k: v.to(device) for k, v in batch.items()}
+        logits = model(inputs["input_ids"], bar_ids=inputs["bar_ids"], onset_ids=inputs["onset_ids"])  # (B, T, V)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), inputs["target_ids"], reduction="none",
+                              ignore_index=PAD_ID).cpu().numpy()  # (B, T)
+        for row, length in enumerate(lengths[picked]):
+            ids, bars, row_nll = batch["input_ids"][row, :length].numpy(), batch["bar_ids"][row, :length].numpy(), nll[row, :length]
+            in_any = np.zeros(length, dtype=bool)
+            for k in intervals:
+                mask = repeated_bars(ids, bars, k)
+                sums[k][0] += float(row_nll[mask].sum())
+                sums[k][1] += int(mask.sum())
+                in_any |= mask
+            other[0] += float(row_nll[~in_any].sum())
+            other[1] += int((~in_any).sum())
+
+    def entry(total_count):
+        total, count = total_count
+        return {"tokens": count, "mean_nll": total / count if count else math.nan}
+
+    return {"max_len": int(max_len), "repeat": {k: entry(v) for k, v in sums.items()}, "other": entry(other)}
+
+
 def evaluate_perplexity(
     checkpoint_dir: str | os.PathLike,
     data_dir: str | os.PathLike,
@@ -106,6 +174,7 @@ def evaluate_perplexity(
     batch_tokens: int = DEFAULT_BATCH_TOKENS,
     device: str | None = None,
     progress: bool = False,
+    repeat_intervals: tuple[int, ...] | list[int] = (),
 ) -> dict[str, Any]:
     """Token-level perplexity of a checkpoint on a prepared split, songs truncated to each length.
 
@@ -122,11 +191,14 @@ def evaluate_perplexity(
         batch_tokens: token budget of one batch (songs x longest song), >= 1.
         device: ``"auto"`` / None (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         progress: show a tqdm bar (songs scored, over all lengths).
+        repeat_intervals: also score bars that repeat the bar k earlier, for each k given
+            (``repeat_bar_nll``, at the longest ``max_lens``); none by default.
 
     Returns:
         ``{"checkpoint", "data_dir", "split", "songs", "results": [{"max_len", "tokens",
         "mean_nll", "perplexity", "unigram_perplexity"}, ...]}`` (one result per length, in the
-        order given); ``unigram_perplexity`` is the baseline of ``unigram_perplexity``.
+        order given); ``unigram_perplexity`` is the baseline of ``unigram_perplexity``. With
+        ``repeat_intervals``, also ``"repeat_bars"``: ``repeat_bar_nll``'s result.
 
     Raises:
         MuseformerError: naming the parameter (``max_lens``, ``batch_tokens``, ``split``, ...).
@@ -138,6 +210,8 @@ def evaluate_perplexity(
         raise ParameterError("max_lens", f"values must be >= 2, got {list(max_lens)}")
     if batch_tokens < 1:
         raise ParameterError("batch_tokens", f"must be >= 1, got {batch_tokens}")
+    if any(int(k) < 1 for k in repeat_intervals):
+        raise ParameterError("repeat_intervals", f"values must be >= 1, got {list(repeat_intervals)}")
     dev = resolve_device(device or "auto")
     checkpoint_dir = resolve_checkpoint(checkpoint_dir)
     model, tokenizer = load(checkpoint_dir)
@@ -165,5 +239,9 @@ def evaluate_perplexity(
                             "unigram_perplexity": unigram_perplexity(train_split, corpus, int(max_len))})
     finally:
         bar.close()
-    return {"checkpoint": str(checkpoint_dir), "data_dir": str(data_dir), "split": split, "songs": len(corpus),
-            "results": results}
+    report = {"checkpoint": str(checkpoint_dir), "data_dir": str(data_dir), "split": split, "songs": len(corpus),
+              "results": results}
+    if repeat_intervals:
+        report["repeat_bars"] = repeat_bar_nll(model, corpus, max(int(L) for L in max_lens), repeat_intervals,
+                                               batch_tokens, dev)
+    return report
