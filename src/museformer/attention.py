@@ -88,15 +88,11 @@ def _use_transposed(x: torch.Tensor) -> bool:
 
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state dict) that, without autograd on CPU, multiplies by a
-    cached transposed copy of its weight (``transposed_weight``) where that layout is the faster
-    one: when it does not shrink the width (``out_features >= in_features``). A decoding step reads
-    a weight fastest along its longer side: for the FFN's second product (2048 -> 512) the
-    ordinary ``(out, in)`` layout took 514 us against 720 us transposed, for the first (512 ->
-    2048) the transposed one 480 us against 750 us (one row, cold cache, docs/benchmarks.md).
-    Hooks and subclasses see an ordinary module call."""
+    cached transposed copy of its weight (``transposed_weight``). Hooks and subclasses see an
+    ordinary module call."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.out_features >= self.in_features and _use_transposed(x):
+        if _use_transposed(x):
             return F.linear(x, transposed_weight(self, self.weight), self.bias)
         return super().forward(x)
 

@@ -193,7 +193,7 @@ class FCCache:
         regular and summary parts of the joint buffers and tags, per layer the joint buffers as
         ``(B * H, W, Dh)`` (what attention reads) and ``(B * H * W, Dh)`` rows (what a write
         fills), W = Cs + C, the tags flat ``(B * W,)``, and the flat index bases."""
-        L, B, H, Dh = self.shape
+        _, B, H, Dh = self.shape
         Cs, W = self._summary_capacity, self.joint_tags.shape[-1]
         self.summary_keys, self.keys = self.joint_keys[..., :Cs, :], self.joint_keys[..., Cs:, :]
         self.summary_values, self.values = self.joint_values[..., :Cs, :], self.joint_values[..., Cs:, :]
@@ -308,13 +308,13 @@ class FCCache:
         ``N`` kept on the host (an upper bound of the slots in use: slots past a song's own are
         PAD and masked). Returns None where the general path is needed."""
         token = ids[:, 0]  # (B,)
-        real = token != PAD_ID
-        if self.pattern.has_summaries and bool(((token == self.vocab.bar_id) & real).any()):
+        if self.pattern.has_summaries and bool((token == self.vocab.bar_id).any()):
             return None  # a bar closes: summaries to add
         if self._n + 1 > self.capacity:
             return None  # room to make (evict / grow)
         self._filling = False
         bars, onsets, positions = self.tracker.advance(ids)  # (B, 1) each
+        real = token != PAD_ID
         kind = torch.where(real, int(SlotKind.REGULAR), int(SlotKind.PAD))  # (B,)
         used = self.used
         self._slots = (self._head_base + used[:, None]).view(-1)  # (B * H,) rows of the joint K/V buffers
