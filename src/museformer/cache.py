@@ -192,7 +192,7 @@ class FCCache:
         """Views and indices a step reuses until the buffers are replaced (grow, select): the
         regular and summary parts of the joint buffers and tags, per layer the joint buffers as
         ``(B * H, W, Dh)`` (what attention reads) and ``(B * H * W, Dh)`` rows (what a write
-        fills), W = Cs + C, the tags flat ``(B * W,)``, and the flat index bases."""
+        fills), W = Cs + C, the tags flat ``(3, B * W)``, and the flat index bases."""
         _, B, H, Dh = self.shape
         Cs, W = self._summary_capacity, self.joint_tags.shape[-1]
         self.summary_keys, self.keys = self.joint_keys[..., :Cs, :], self.joint_keys[..., Cs:, :]
@@ -201,7 +201,7 @@ class FCCache:
         self.kind, self.bar, self.pos = self.joint_tags[:, :, Cs:]
         self._joint_views = [(k.view(B * H, W, Dh), v.view(B * H, W, Dh), k.view(B * H * W, Dh), v.view(B * H * W, Dh))
                              for k, v in zip(self.joint_keys, self.joint_values)]
-        self._tags_flat = tuple(t.view(-1) for t in self.joint_tags)  # (B * W,) each
+        self._tags_flat = self.joint_tags.view(3, B * W)  # kind, bar, pos of every joint slot
         songs = torch.arange(B, device=self.device)
         self._row_base = songs * W + Cs  # (B,)  flat tag index of each song's regular slot 0
         self._head_base = (songs[:, None] * H + torch.arange(H, device=self.device)) * W + Cs  # (B, H)
@@ -319,8 +319,7 @@ class FCCache:
         used = self.used
         self._slots = (self._head_base + used[:, None]).view(-1)  # (B * H,) rows of the joint K/V buffers
         rows = self._row_base + used  # (B,) flat tag slots
-        for tags, new in zip(self._tags_flat, (kind, bars[:, 0], positions[:, 0])):
-            tags.index_copy_(0, rows, new)
+        self._tags_flat.index_copy_(1, rows, torch.stack([kind, bars[:, 0], positions[:, 0]]))  # (3, B) tags
         self.used = used + real
         self._n += 1
         self._width = self._summary_capacity + self._n

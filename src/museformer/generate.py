@@ -152,16 +152,22 @@ def counter_uniforms(seeds, counters) -> torch.Tensor:
 
     Shapes: seeds, counters ``(B,)`` non-negative integers -> ``(B,)`` float64.
     """
-    with np.errstate(over="ignore"):
-        z = _splitmix64(_splitmix64(np.asarray(seeds, dtype=np.uint64)) + np.asarray(counters, dtype=np.uint64))
-    return torch.from_numpy((z >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+    # uint64 array arithmetic wraps silently (only numpy scalars warn): keep everything arrays
+    z = _splitmix64(_splitmix64(np.asarray(seeds, dtype=np.uint64).reshape(-1))
+                    + np.asarray(counters, dtype=np.uint64).reshape(-1))
+    return torch.from_numpy((z >> _SHIFT_11).astype(np.float64) * 2.0**-53)
+
+
+_GAMMA, _MIX1, _MIX2 = (np.array([c], dtype=np.uint64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
+                                                                  0x94D049BB133111EB))
+_SHIFT_11, _SHIFT_27, _SHIFT_30, _SHIFT_31 = (np.array([n], dtype=np.uint64) for n in (11, 27, 30, 31))
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
+    x = x + _GAMMA
+    x = (x ^ (x >> _SHIFT_30)) * _MIX1
+    x = (x ^ (x >> _SHIFT_27)) * _MIX2
+    return x ^ (x >> _SHIFT_31)
 
 
 def sample_next(

@@ -125,6 +125,7 @@ class BarTracker:
         self.inherits = inherits  # (V,)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         self.next_pos, self.closed, self.onset = zeros, zeros.clone(), zeros.clone()
+        self.all_started = False  # every song has read a token (then one-token chunks take the short path)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these songs (indices into the batch), in this order."""
@@ -136,7 +137,7 @@ class BarTracker:
         Shapes: ids ``(B, Tq)`` -> three ``(B, Tq)`` int64 tensors (position = index in the song).
         """
         batch, length = ids.shape
-        if length == 1 and bool((self.next_pos > 0).all()):
+        if length == 1 and self.all_started:
             return self._advance_one(ids[:, 0])
         real = ids != PAD_ID
         kind = self.kinds[ids]  # (B, Tq)
@@ -165,6 +166,7 @@ class BarTracker:
         self.onset = torch.where(count > 0, after, self.onset)
         self.closed = self.closed + is_end.sum(dim=1)
         self.next_pos = self.next_pos + count
+        self.all_started = bool((self.next_pos > 0).all())
         return bars, onsets, positions
 
     def _advance_one(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
