@@ -56,7 +56,13 @@ from torch import nn
 
 from museformer.bar_chunks import BarChunkBackend, BarChunks
 from museformer.fc_blocks import FlexBackend
-from museformer.structure import AttentionPattern, BarLayout, SlotKind, dense_masks, may_attend
+from museformer.structure import (
+    AttentionPattern,
+    BarLayout,
+    SlotKind,
+    dense_masks,
+    may_attend,
+)
 
 
 # =============================================================================================
