@@ -14,6 +14,7 @@ from museformer.generate import (
     SampleConfig,
     build_grammar,
     bundled_checkpoint,
+    counter_uniforms,
     generate,
     prompt_from_midi,
     sample_next,
@@ -75,6 +76,33 @@ def test_per_row_generators_make_rows_independent():
     together = sample_next(logits, top_k=10, generator=[torch.Generator().manual_seed(s) for s in (1, 2, 3)])
     alone = sample_next(logits[1:2], top_k=10, generator=[torch.Generator().manual_seed(2)])
     assert together[1] == alone[0]
+
+
+def test_counter_uniforms_depend_only_on_seed_and_counter():
+    """A song's draw depends on its own (seed, counter) alone, is in [0, 1), and the draws are uniform."""
+    together = counter_uniforms([11, 12, 13], [4, 0, 9])
+    alone = counter_uniforms([12], [0])
+    assert together.dtype == torch.float64 and together[1] == alone[0]
+    assert torch.equal(together, counter_uniforms([11, 12, 13], [4, 0, 9]))  # deterministic
+    draws = counter_uniforms([7] * 20000, range(20000))
+    assert float(draws.min()) >= 0.0 and float(draws.max()) < 1.0
+    counts = torch.histc(draws.float(), bins=10, min=0.0, max=1.0)
+    assert (counts - 2000).abs().max() < 200  # about 4.5 standard deviations
+    assert counter_uniforms([7], [0]) != counter_uniforms([8], [0])
+
+
+def test_uniforms_sample_the_top_k_distribution():
+    """Given draws, sample_next picks what a generator with the same draws picks, and over many
+    draws the top-k tokens come out with their renormalised probabilities."""
+    logits = torch.randn(1, 30).expand(20000, 30).clone()
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    ids = sample_next(logits, top_k=5, uniforms=u)
+    assert torch.equal(ids, sample_next(logits, top_k=5, generator=torch.Generator().manual_seed(3)))
+    top = torch.topk(logits[0], 5)
+    expected = torch.softmax(top.values, dim=-1)
+    observed = torch.stack([(ids == t).double().mean() for t in top.indices])
+    assert set(ids.tolist()) <= set(top.indices.tolist())
+    torch.testing.assert_close(observed, expected.double(), atol=0.02, rtol=0)
 
 
 def test_sample_config_validates_and_round_trips():

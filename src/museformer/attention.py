@@ -56,7 +56,13 @@ from torch import nn
 
 from museformer.bar_chunks import BarChunkBackend, BarChunks
 from museformer.fc_blocks import FlexBackend
-from museformer.structure import AttentionPattern, BarLayout, dense_masks, may_attend
+from museformer.structure import (
+    AttentionPattern,
+    BarLayout,
+    SlotKind,
+    dense_masks,
+    may_attend,
+)
 
 
 # =============================================================================================
@@ -221,23 +227,24 @@ def get_backend(name: str, attention_dropout: float = 0.0):
 class CachedStepMasks:
     """The mask rows of a cached forward, from ``structure.may_attend`` on the slots' tags.
 
-    Additive float masks (0 = may attend, -inf = may not), one row per song, head and query (the
-    ``(B * H)`` axis of the attention's ``bmm``), so a step folds them into its score products;
-    rows that may read nothing read everything instead and their output is zeroed (``*_empty``,
-    None when there are none), as in ``DenseStepMask``. ``regular_to_regular`` is a view of
-    ``regular_row`` ``(B * H, Tq, C)``, as wide as the cache, so that ``extended`` can add a slot.
+    The cache's slots come as one joint key set (``cache.FCCache``: the summary slots' key2/value2,
+    then the regular slots' K/V), so a new token's row covers both in one softmax. Additive float
+    masks (0 = may attend, -inf = may not), one row per song, head and query (the ``(B * H)`` axis
+    of the attention's ``bmm``), so a step folds them into its score products; rows that may read
+    nothing read everything instead and their output is zeroed (``*_empty``, None when there are
+    none), as in ``DenseStepMask``. ``regular`` is a view of ``regular_row`` ``(B * H, Tq, W)``, as
+    wide as the cache's joint buffer, so that ``extended`` can add a slot.
     """
 
-    regular_to_summary: torch.Tensor  # (B * H, Tq, Ns)
-    regular_to_regular: torch.Tensor  # (B * H, Tq, N)
+    regular: torch.Tensor  # (B * H, Tq, Cs + N): new regular tokens over the joint slots
     regular_empty: torch.Tensor | None  # (B, 1, Tq, 1)
     summary_to_summary: torch.Tensor | None  # (R * H, Sq, Sq): the new summaries among themselves
-    summary_to_regular: torch.Tensor | None  # (R * H, Sq, N)
+    summary_to_slots: torch.Tensor | None  # (R * H, Sq, Cs + N): the new summaries over the joint slots
     summary_empty: torch.Tensor | None  # (R, 1, Sq, 1)
-    regular_row: torch.Tensor | None = None  # (B * H, Tq, C)
+    regular_row: torch.Tensor | None = None  # (B * H, Tq, W)
     summary_songs: torch.Tensor | None = None  # (R,) the songs the Sq summary rows belong to
 
-    def extended(self, new_slots: torch.Tensor, n: int) -> CachedStepMasks:
+    def extended(self, new_slots: torch.Tensor, width: int) -> CachedStepMasks:
         """The rows of the next token of the same bar (one query per song, no new summary).
 
         ``may_attend`` gives it the previous token's row plus its own new slot: every earlier slot
@@ -246,12 +253,12 @@ class CachedStepMasks:
         run again inside a bar (the cache decides when this holds; the tests compare the logits).
 
         Args:
-            new_slots: ``(B * H,)`` flat indices ``(b * H + h) * C + slot`` of each song's new
-                slot (the cache's K/V write indices, which address ``regular_row`` alike).
-            n: slots in use after this step.
+            new_slots: ``(B * H,)`` flat indices ``(b * H + h) * W + slot`` of each song's new
+                joint slot (the cache's K/V write indices, which address ``regular_row`` alike).
+            width: joint slots read after this step (Cs + N).
         """
         self.regular_row.view(-1).index_fill_(0, new_slots, 0.0)
-        return dataclasses.replace(self, regular_to_regular=self.regular_row[..., :n])
+        return dataclasses.replace(self, regular=self.regular_row[..., :width])
 
 
 def _bias(heads: int, *allowed: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -269,80 +276,98 @@ def _bias(heads: int, *allowed: torch.Tensor) -> tuple[list[torch.Tensor], torch
     return biases, (empty[:, None] if has_empty else None)
 
 
-def cached_step_masks(query, summary_query, slots, summary_slots, pattern: AttentionPattern, heads: int,
+def cached_step_masks(query, summary_query, slots, pattern: AttentionPattern, heads: int,
                       capacity: int = 0, summary_songs: torch.Tensor | None = None) -> CachedStepMasks:
     """The mask rows of one cached forward, all from ``may_attend``.
 
     Args:
         query: ``(kind, bar, pos)`` of the new regular tokens, each ``(B, Tq)``.
         summary_query: the same for the new summaries ``(R, Sq)`` (None when no bar closes).
-        slots, summary_slots: the cache's regular / summary slot tags, each ``(B, N)`` / ``(B, Ns)``.
+        slots: the tags of the cache's joint slots (summary slots, then regular), each ``(B, Cs + N)``.
         heads: H, attention heads (the masks have one row per song and head).
-        capacity: C, the cache's regular capacity (the width of ``regular_row``; 0 = N).
+        capacity: W, the width of the cache's joint buffer (the width of ``regular_row``; 0 = Cs + N).
         summary_songs: ``(R,)`` the songs of the summary rows (None: all B songs).
     """
     def rows(q, k):  # (B, Q) x (B, K) -> (B, Q, K)
         return may_attend(*(x[..., None] for x in q), *(x[:, None, :] for x in k), pattern)
 
-    (to_summary, to_regular), empty = _bias(heads, rows(query, summary_slots), rows(query, slots))
-    BH, Tq, n = to_regular.shape
-    row = torch.full((BH, Tq, max(capacity, n)), float("-inf"), device=to_regular.device)
-    row[..., :n] = to_regular
+    (to_slots,), empty = _bias(heads, rows(query, slots))
+    BH, Tq, n = to_slots.shape
+    row = torch.full((BH, Tq, max(capacity, n)), float("-inf"), device=to_slots.device)
+    row[..., :n] = to_slots
     if summary_query is None:
-        return CachedStepMasks(to_summary, row[..., :n], empty, None, None, None, row)
+        return CachedStepMasks(row[..., :n], empty, None, None, None, row)
     song_slots = slots if summary_songs is None else tuple(x.index_select(0, summary_songs) for x in slots)
-    (s_to_s, s_to_r), s_empty = _bias(heads, rows(summary_query, summary_query), rows(summary_query, song_slots))
-    return CachedStepMasks(to_summary, row[..., :n], empty, s_to_s, s_to_r, s_empty, row, summary_songs)
+    # a new summary reads its own fresh key (summary_to_summary), never a summary slot: its own
+    # slot gets its key2 only after this step's summarisation
+    regular_slots = (song_slots[0] != int(SlotKind.SUMMARY))[:, None, :]  # (R, 1, Cs + N)
+    (s_to_s, s_to_r), s_empty = _bias(heads, rows(summary_query, summary_query),
+                                      rows(summary_query, song_slots) & regular_slots)
+    return CachedStepMasks(row[..., :n], empty, s_to_s, s_to_r, s_empty, row, summary_songs)
+
+
+def _flat_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(0, -3)  # (B, H, L, Dh) -> (B * H, L, Dh); (B * H, L, Dh) stays
+
+
+def _attend_slots(q, k, v, bias, empty) -> torch.Tensor:
+    """Masked softmax attention of a few queries over cache slots: scale, score product and mask
+    in one ``baddbmm``, then a softmax and one ``bmm``.
+
+    Keys and values come as ``(B * H, N, Dh)``: the cache hands out such views of its buffers
+    (``bmm`` reads them in place; ``torch.matmul`` on 4-d views of the buffers copied the whole
+    slice every call: 10x slower at batch 64).
+
+    Shapes: q ``(B, H, Q, Dh)``, k/v ``(B * H, N, Dh)``, bias ``(B * H, Q, N)`` -> ``(B, H, Q, Dh)``.
+    """
+    B, H, Q, Dh = q.shape
+    scores = torch.baddbmm(bias, q.reshape(B * H, Q, Dh), k.transpose(1, 2), alpha=Dh**-0.5)  # (B * H, Q, N)
+    out = torch.bmm(torch.softmax(scores, dim=-1), v).view(B, H, Q, Dh)
+    return out if empty is None else out.masked_fill(empty, 0.0)
 
 
 def _two_part_attend(q, k_a, v_a, bias_a, k_b, v_b, bias_b, empty) -> torch.Tensor:
-    """One softmax over two key sets without concatenating them (they are cache buffers).
+    """One softmax over two key sets without concatenating them (the second is a cache buffer).
 
-    Keys and values come as ``(B * H, L, Dh)``: the cache hands out such views of its buffers
-    (``bmm`` reads them in place; ``torch.matmul`` on 4-d views of the buffers copied the whole
-    slice every call: 10x slower at batch 64); new tokens' ``(B, H, L, Dh)`` are flattened here.
-    Scale, score product and mask are one ``baddbmm`` per key set.
+    Keys and values come as ``(B * H, L, Dh)`` views or ``(B, H, L, Dh)`` tensors (flattened here),
+    as in ``_attend_slots``.
 
     Shapes: q ``(B, H, Q, Dh)``, k/v ``(B * H, A|N, Dh)``, bias ``(B * H, Q, A|N)`` -> ``(B, H, Q, Dh)``.
     """
     B, H, Q, Dh = q.shape
     q = q.reshape(B * H, Q, Dh)
-    k_a, v_a, k_b, v_b = (x.flatten(0, -3) for x in (k_a, v_a, k_b, v_b))  # (B * H, L, Dh)
+    k_a, v_a, k_b, v_b = (_flat_heads(x) for x in (k_a, v_a, k_b, v_b))  # (B * H, L, Dh)
     scale = Dh**-0.5
+    scores_a = torch.baddbmm(bias_a, q, k_a.transpose(1, 2), alpha=scale)  # (B * H, Q, A)
     scores_b = torch.baddbmm(bias_b, q, k_b.transpose(1, 2), alpha=scale)  # (B * H, Q, N)
     width = k_a.shape[1]
-    if width:
-        scores_a = torch.baddbmm(bias_a, q, k_a.transpose(1, 2), alpha=scale)  # (B * H, Q, A)
-        weights = torch.softmax(torch.cat([scores_a, scores_b], dim=-1), dim=-1)  # (B * H, Q, A + N)
-        out = torch.baddbmm(torch.bmm(weights[..., :width], v_a), weights[..., width:], v_b)
-    else:
-        out = torch.bmm(torch.softmax(scores_b, dim=-1), v_b)
-    out = out.view(B, H, Q, Dh)
+    weights = torch.softmax(torch.cat([scores_a, scores_b], dim=-1), dim=-1)  # (B * H, Q, A + N)
+    out = torch.baddbmm(torch.bmm(weights[..., :width], v_a), weights[..., width:], v_b).view(B, H, Q, Dh)
     return out if empty is None else out.masked_fill(empty, 0.0)
 
 
 class CachedStepBackend:
-    """The attention steps of a cached forward: new queries over the cache's slots, masked by
-    ``CachedStepMasks``. No concatenation of cache buffers: one softmax over two score blocks.
-    Same ``summarise`` / ``aggregate`` interface as the backends above, except that the cache's
-    slots come as ``(B * H, N, Dh)`` views (``cache.LayerCache``); no dropout (decoding is in eval
-    mode)."""
+    """The attention steps of a cached forward: new queries over the cache's joint slots, masked by
+    ``CachedStepMasks``. Same ``summarise`` / ``aggregate`` interface as the backends above, except
+    that the cache's slots come as ``(B * H, Cs + N, Dh)`` views of its joint buffers (summary
+    slots, then regular slots: ``cache.LayerCache``) and the separate summary keys are empty; no
+    dropout (decoding is in eval mode)."""
 
     name = "cached"
 
     def summarise(self, q_s, k_s, v_s, k_r, v_r, state: CachedStepMasks, dropout_p: float = 0.0) -> torch.Tensor:
         """New summaries over themselves + the cached regular slots of their bar (only the songs
-        that close a bar: ``state.summary_songs``)."""
+        that close a bar: ``state.summary_songs``); one softmax over their own keys and the slots."""
         if state.summary_songs is not None:
             H = q_s.shape[1]
             k_r, v_r = (x.unflatten(0, (-1, H)).index_select(0, state.summary_songs) for x in (k_r, v_r))
-        return _two_part_attend(q_s, k_s, v_s, state.summary_to_summary, k_r, v_r, state.summary_to_regular,
+        return _two_part_attend(q_s, k_s, v_s, state.summary_to_summary, k_r, v_r, state.summary_to_slots,
                                 state.summary_empty)
 
     def aggregate(self, q_r, k2, v2, k_r, v_r, state: CachedStepMasks, dropout_p: float = 0.0) -> torch.Tensor:
-        """New regular tokens over the cached summary slots (key2/value2) and regular slots."""
-        return _two_part_attend(q_r, k2, v2, state.regular_to_summary, k_r, v_r, state.regular_to_regular,
-                                state.regular_empty)
+        """New regular tokens over the joint slots (key2/value2 of the summaries and the regular
+        K/V, one key set); ``k2``/``v2`` are empty (the summaries are part of the joint slots)."""
+        return _attend_slots(q_r, k_r, v_r, state.regular, state.regular_empty)
 
 
 CACHED_STEP = CachedStepBackend()

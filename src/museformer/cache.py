@@ -13,6 +13,10 @@ stores the layer's new K/V and returns the slots its queries read.
 - **summary slots** ``(L, B, H, Cs, Dh)``: the ``key2`` / ``value2`` of every complete bar (what its
   coarse readers see), tagged ``summary_kind``/``summary_bar``/``summary_pos`` (the position of the
   ``b-1`` that closed the bar);
+- both live in one **joint** buffer per layer, ``(B, H, Cs + C, Dh)``, summary slots first (the
+  attributes above are views of it, and of the joint tags ``(3, B, Cs + C)``), so a cached step's
+  regular queries read summaries and tokens as one key set: one score product, one softmax, one
+  value product per layer (``attention.CachedStepBackend``);
 - a ``structure.BarTracker``: the bar and onset ids of the next tokens, chunk by chunk.
 
 ``select`` keeps some songs (in place); ``fork`` copies some songs into a new cache (K candidate
@@ -64,13 +68,14 @@ class CacheStep:
             ordinary backend), else None.
         query, summary_query: tags of the new tokens / summaries (cached steps; None otherwise or
             when no bar closes).
-        slots, summary_slots: tags of the slots the queries may read (cached steps).
+        slots: tags ``(B, Cs + N)`` of the joint slots the queries read (cached steps): the
+            summary slots, then N regular slots.
         same_bar: one token per song, each in the same bar as the previous step's (a cached
             step whose mask rows are the previous ones plus the new slots: ``masks`` holds them;
-            ``slots`` / ``summary_slots`` are then None, the rows need no tags).
-        new_slots: ``(B * H,)`` flat ``(b * H + h) * C + slot`` of each song's new slot (cached
-            steps of one token per song).
-        width: N, the regular slots the queries read (cached steps).
+            ``slots`` is then None, the rows need no tags).
+        new_slots: ``(B * H,)`` flat ``(b * H + h) * W + Cs + slot`` of each song's new slot in the
+            joint buffer (cached steps of one token per song).
+        width: Cs + N, the joint slots the queries read (cached steps).
         summary_songs: ``(R,)`` the songs whose bars close in a cached step; the summary stream
             (``summary_bar``, ``summary_query``: ``(R, Sq)``) has rows for them only.
     """
@@ -82,7 +87,6 @@ class CacheStep:
     query: Tags | None = None
     summary_query: Tags | None = None
     slots: Tags | None = None
-    summary_slots: Tags | None = None
     same_bar: bool = False
     new_slots: torch.Tensor | None = None
     summary_songs: torch.Tensor | None = None
@@ -92,9 +96,10 @@ class CacheStep:
 class LayerCache:
     """One layer's view of an ``FCCache`` during a forward (what ``FCAttention.forward`` calls).
 
-    In a cached step the slots come back as ``(B * H, N, Dh)`` views of the buffers (what
-    ``attention.CachedStepBackend`` reads); filling an empty cache returns the forward's own
-    ``(B, H, Tq, Dh)`` tensors to the model's backend.
+    In a cached step every slot (summaries and regular tokens) comes back as one joint key set,
+    ``(B * H, Cs + N, Dh)`` views of the layer's joint buffer (what ``attention.CachedStepBackend``
+    reads), and the separate summary key set is empty; filling an empty cache returns the
+    forward's own ``(B, H, Tq, Dh)`` tensors to the model's backend.
     """
 
     def __init__(self, cache: FCCache, index: int) -> None:
@@ -104,32 +109,35 @@ class LayerCache:
         """Store the new tokens' K/V; returns what the queries read.
 
         Shapes: k/v ``(B, H, Tq, Dh)`` -> ``(B, H, Tq, Dh)`` (filling an empty cache: the forward's
-        own) or ``(B * H, N, Dh)`` (a cached step: the slots in use, a view of the buffer).
+        own) or ``(B * H, Cs + N, Dh)`` (a cached step: all joint slots up to N regular ones, a view).
         """
         c = self.cache
         if c._filling:
             L = k.shape[2]
             c.keys[self.index][:, :, :L], c.values[self.index][:, :, :L] = k, v
             return k, v
-        return c._write(c._regular_views[self.index], k, v, c._slots, c._n)
+        return c._write(c._joint_views[self.index], k, v, c._slots, c._width)
 
     def update_summary(self, k2: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new summaries' key2/value2; returns what the regular queries read (as above)."""
+        """Store the new summaries' key2/value2; returns the separate summary keys the regular
+        queries read: the forward's own when filling, none in a cached step (``(B * H, 0, Dh)``:
+        they are part of the joint slots ``update_regular`` returned)."""
         c = self.cache
         if c._filling:
             S = k2.shape[2]
             c.summary_keys[self.index][:, :, :S], c.summary_values[self.index][:, :, :S] = k2, v2
             return k2, v2
-        return c._write(c._summary_views[self.index], k2, v2, c._summary_slots, c._ns)
+        return c._write(c._joint_views[self.index], k2, v2, c._summary_slots, 0)
 
     def summaries(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The summary slots the queries read when this forward adds none: ``(B * H, Ns, Dh)``
-        (filling an empty cache: ``(B, H, 0, Dh)``)."""
+        """The separate summary keys when this forward adds none: ``(B, H, 0, Dh)`` when filling
+        (no bar is complete before the prompt), ``(B * H, 0, Dh)`` in a cached step (the summaries
+        are part of the joint slots)."""
         c = self.cache
         if c._filling:
             return c.summary_keys[self.index][:, :, :0], c.summary_values[self.index][:, :, :0]
-        keys, values, _, _ = c._summary_views[self.index]
-        return keys[:, : c._ns], values[:, : c._ns]
+        keys, values, _, _ = c._joint_views[self.index]
+        return keys[:, :0], values[:, :0]
 
 
 class FCCache:
@@ -137,10 +145,13 @@ class FCCache:
 
     Create with ``FCCache(model, batch)``; pass to ``model(ids, cache=cache)``.
     Attributes ``keys``/``values`` ``(L, B, H, C, Dh)``, ``kind``/``bar``/``pos`` ``(B, C)``,
-    ``used`` ``(B,)`` (slots in use per song), and the same with ``summary_`` for summary slots.
+    ``used`` ``(B,)`` (slots in use per song), and the same with ``summary_`` for summary slots
+    (``(L, B, H, Cs, Dh)``, ``(B, Cs)``); all but ``used`` are views of the joint buffers
+    ``joint_keys``/``joint_values`` ``(L, B, H, Cs + C, Dh)`` and tags ``joint_tags`` ``(3, B, Cs + C)``
+    (kind, bar, pos), summary slots first. Writing into a view writes into the joint buffer.
     """
 
-    def __init__(self, model, batch: int, capacity: int = 2048, summary_capacity: int = 64) -> None:
+    def __init__(self, model, batch: int, capacity: int = 2048, summary_capacity: int = 16) -> None:
         c = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -152,53 +163,75 @@ class FCCache:
         self.started = False
         self._filling = False
         self._slots = self._summary_slots = None
-        self._n = self._ns = 0
+        self._n = 0  # regular slots in use (max over songs; a host-side upper bound in a bar)
+        self._width = 0  # joint slots a cached step reads: Cs + N
         self.masks = None  # the last cached step's mask rows (reused inside a bar)
         self._last_bars: torch.Tensor | None = None
-        summary_capacity = summary_capacity if c.pattern.has_summaries else 0
-        self.keys, self.values, (self.kind, self.bar, self.pos), self.used = self._empty(max(capacity, MIN_CAPACITY))
-        (self.summary_keys, self.summary_values, (self.summary_kind, self.summary_bar, self.summary_pos),
-         self.summary_used) = self._empty(summary_capacity)
+        summary_capacity = max(summary_capacity, 1) if c.pattern.has_summaries else 0
+        self.used = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.summary_used = torch.zeros_like(self.used)
+        self._allocate(max(capacity, MIN_CAPACITY), summary_capacity)
         self._layers = [LayerCache(self, i) for i in range(c.n_layers)]
+
+    # -- storage --------------------------------------------------------------------------------
+    def _allocate(self, capacity: int, summary_capacity: int) -> tuple:
+        """New empty joint buffers and tags (the old ones returned, for copying), and their views."""
+        L, B, H, Dh = self.shape
+        old = getattr(self, "joint_keys", None), getattr(self, "joint_values", None), getattr(self, "joint_tags", None)
+        width = summary_capacity + capacity
+        self.joint_keys = torch.zeros(L, B, H, width, Dh, device=self.device, dtype=self.dtype)
+        self.joint_values = torch.zeros_like(self.joint_keys)
+        self.joint_tags = torch.zeros(3, B, width, dtype=torch.long, device=self.device)  # kind, bar, pos
+        self.joint_tags[0] = int(SlotKind.PAD)
+        self.joint_tags[2] = -1
+        self._summary_capacity = summary_capacity
         self._views()
+        return old
 
     def _views(self) -> None:
-        """Views and indices a step reuses until the buffers are replaced (grow, evict, select):
-        per layer the buffers as ``(B * H, C, Dh)`` (what attention reads) and ``(B * H * C, Dh)``
-        rows (what a write fills), the tags flat ``(B * C,)``, and the flat index bases."""
-        L, B, H, Dh = self.shape
-        def views(keys, values):  # per layer: (B, H, C, Dh) -> (B * H, C, Dh) and (B * H * C, Dh)
-            C = keys.shape[-2]
-            return [(k.view(B * H, C, Dh), v.view(B * H, C, Dh), k.view(B * H * C, Dh), v.view(B * H * C, Dh))
-                    for k, v in zip(keys, values)]
-
-        self._regular_views = views(self.keys, self.values)
-        self._summary_views = views(self.summary_keys, self.summary_values)
-        self._tags_flat = (self.kind.view(-1), self.bar.view(-1), self.pos.view(-1))  # (B * C,) each
+        """Views and indices a step reuses until the buffers are replaced (grow, select): the
+        regular and summary parts of the joint buffers and tags, per layer the joint buffers as
+        ``(B * H, W, Dh)`` (what attention reads) and ``(B * H * W, Dh)`` rows (what a write
+        fills), W = Cs + C, the tags flat ``(3, B * W)``, and the flat index bases."""
+        _, B, H, Dh = self.shape
+        Cs, W = self._summary_capacity, self.joint_tags.shape[-1]
+        self.summary_keys, self.keys = self.joint_keys[..., :Cs, :], self.joint_keys[..., Cs:, :]
+        self.summary_values, self.values = self.joint_values[..., :Cs, :], self.joint_values[..., Cs:, :]
+        self.summary_kind, self.summary_bar, self.summary_pos = self.joint_tags[:, :, :Cs]
+        self.kind, self.bar, self.pos = self.joint_tags[:, :, Cs:]
+        self._joint_views = [(k.view(B * H, W, Dh), v.view(B * H, W, Dh), k.view(B * H * W, Dh), v.view(B * H * W, Dh))
+                             for k, v in zip(self.joint_keys, self.joint_values)]
+        self._tags_flat = self.joint_tags.view(3, B * W)  # kind, bar, pos of every joint slot
         songs = torch.arange(B, device=self.device)
-        self._row_base = songs * self.capacity  # (B,)  b * C
-        self._head_base = (songs[:, None] * H + torch.arange(H, device=self.device)) * self.capacity  # (B, H)
-
-    def _empty(self, capacity: int):
-        L, B, H, Dh = self.shape
-        meta = dict(dtype=torch.long, device=self.device)
-        kv = [torch.zeros(L, B, H, capacity, Dh, device=self.device, dtype=self.dtype) for _ in range(2)]
-        tags = (torch.full((B, capacity), int(SlotKind.PAD), **meta), torch.zeros((B, capacity), **meta),
-                torch.full((B, capacity), -1, **meta))
-        return kv[0], kv[1], tags, torch.zeros(B, **meta)
+        self._row_base = songs * W + Cs  # (B,)  flat tag index of each song's regular slot 0
+        self._head_base = (songs[:, None] * H + torch.arange(H, device=self.device)) * W + Cs  # (B, H)
 
     @property
     def capacity(self) -> int:
         """C, regular slots per song (static until the cache grows)."""
-        return self.kind.shape[1]
+        return self.joint_tags.shape[-1] - self._summary_capacity
+
+    @property
+    def joint_capacity(self) -> int:
+        """W = Cs + C, slots per song of the joint buffers."""
+        return self.joint_tags.shape[-1]
+
+    @property
+    def summary_capacity(self) -> int:
+        """Cs, summary slots per song (static until the cache grows)."""
+        return self._summary_capacity
 
     @property
     def batch_size(self) -> int:
-        return self.kind.shape[0]
+        return self.joint_tags.shape[1]
 
     def layer(self, index: int) -> LayerCache:
         """The view ``FCAttention`` of layer ``index`` reads and writes."""
         return self._layers[index]
+
+    def _joint_slot_tags(self) -> Tags:
+        """Tags ``(B, Cs + N)`` of the joint slots a cached step reads."""
+        return tuple(self.joint_tags[:, :, : self._width])
 
     # -- one forward ----------------------------------------------------------------------------
     def begin(self, ids: torch.Tensor) -> CacheStep:
@@ -228,18 +261,20 @@ class FCCache:
             self.summary_kind[:, :S], self.summary_bar[:, :S] = layout.summary_kind, layout.summary_bar
             self.summary_pos[:, :S] = layout.summary_pos
             self._slots = self._summary_slots = None
-            self._n, self._ns = Tq, S
+            self._n = Tq
             self.used = real.sum(dim=1)
             self.summary_used = (layout.summary_kind == SlotKind.SUMMARY).sum(dim=1)
             return CacheStep(bars, onsets, layout.summary_bar, layout=layout)
 
         self._filling = False
+        Cs = self._summary_capacity
         rows = torch.arange(B, device=ids.device)[:, None]  # (B, 1)
         kind = torch.where(real, int(SlotKind.REGULAR), int(SlotKind.PAD))
         query = (kind, bars, positions)
         slots = self.used[:, None] + torch.arange(Tq, device=ids.device)  # (B, Tq)
-        self._slots = self._flat(slots, self.capacity)
+        self._slots = self._flat(slots + Cs)
         self._n = int(self.used.max()) + Tq
+        self._width = Cs + self._n
         self.kind[rows, slots], self.bar[rows, slots], self.pos[rows, slots] = query
         summary_query = summary_songs = None
         summary_bar = bars[:, :0]  # (B, 0)
@@ -257,19 +292,15 @@ class FCCache:
             summary_songs = (closes > 0).nonzero()[:, 0]  # (R,)
             summary_query = tuple(x.index_select(0, summary_songs) for x in (s_kind, summary_bar, s_pos))  # (R, Sq)
             summary_bar = summary_query[1]
-            self._summary_slots = self._flat(s.index_select(0, summary_songs), self.summary_kind.shape[1], summary_songs)
-        self._ns = int(self.summary_used.max()) + Sq
+            self._summary_slots = self._flat(s.index_select(0, summary_songs), summary_songs)
         self.used = self.used + real.sum(dim=1)
         self.summary_used = self.summary_used + closes
-        n, ns = self._n, self._ns
-        slots = (self.kind[:, :n], self.bar[:, :n], self.pos[:, :n])
-        summary_slots = (self.summary_kind[:, :ns], self.summary_bar[:, :ns], self.summary_pos[:, :ns])
         same_bar = (Tq == 1 and not Sq and self.masks is not None and self._last_bars is not None
                     and torch.equal(bars, self._last_bars))
         self._last_bars = bars if Tq == 1 else None
         new_slots = self._slots if Tq == 1 else None
-        return CacheStep(bars, onsets, summary_bar, None, query, summary_query, slots, summary_slots, same_bar, new_slots,
-                         summary_songs, n)
+        return CacheStep(bars, onsets, summary_bar, None, query, summary_query, self._joint_slot_tags(), same_bar,
+                         new_slots, summary_songs, self._width)
 
     def _begin_one(self, ids: torch.Tensor) -> CacheStep | None:
         """``begin`` for one token per song that closes no bar and fits (a decoding step inside
@@ -277,37 +308,33 @@ class FCCache:
         ``N`` kept on the host (an upper bound of the slots in use: slots past a song's own are
         PAD and masked). Returns None where the general path is needed."""
         token = ids[:, 0]  # (B,)
-        real = token != PAD_ID
-        if self.pattern.has_summaries and bool(((token == self.vocab.bar_id) & real).any()):
+        if self.pattern.has_summaries and bool((token == self.vocab.bar_id).any()):
             return None  # a bar closes: summaries to add
         if self._n + 1 > self.capacity:
             return None  # room to make (evict / grow)
         self._filling = False
         bars, onsets, positions = self.tracker.advance(ids)  # (B, 1) each
+        real = token != PAD_ID
         kind = torch.where(real, int(SlotKind.REGULAR), int(SlotKind.PAD))  # (B,)
         used = self.used
-        self._slots = (self._head_base + used[:, None]).view(-1)  # (B * H,) rows of the K/V buffers
+        self._slots = (self._head_base + used[:, None]).view(-1)  # (B * H,) rows of the joint K/V buffers
         rows = self._row_base + used  # (B,) flat tag slots
-        for tags, new in zip(self._tags_flat, (kind, bars[:, 0], positions[:, 0])):
-            tags.index_copy_(0, rows, new)
+        self._tags_flat.index_copy_(1, rows, torch.stack([kind, bars[:, 0], positions[:, 0]]))  # (3, B) tags
         self.used = used + real
         self._n += 1
-        n, ns = self._n, self._ns
+        self._width = self._summary_capacity + self._n
         same_bar = self.masks is not None and self._last_bars is not None and torch.equal(bars, self._last_bars)
         self._last_bars = bars
-        slots = summary_slots = None
-        if not same_bar:
-            slots = (self.kind[:, :n], self.bar[:, :n], self.pos[:, :n])
-            summary_slots = (self.summary_kind[:, :ns], self.summary_bar[:, :ns], self.summary_pos[:, :ns])
-        return CacheStep(bars, onsets, bars[:, :0], None, (kind[:, None], bars, positions), None, slots, summary_slots,
-                         same_bar, self._slots, None, n)
+        slots = None if same_bar else self._joint_slot_tags()
+        return CacheStep(bars, onsets, bars[:, :0], None, (kind[:, None], bars, positions), None, slots,
+                         same_bar, self._slots, None, self._width)
 
     @staticmethod
     def _write(views, k, v, slots, n):
-        """Write new K/V ``(B, H, L, Dh)`` into a layer's buffers; return the slots read,
-        ``(B * H, N, Dh)`` views.
+        """Write new K/V ``(B, H, L, Dh)`` into a layer's joint buffers; return the first ``n``
+        joint slots, ``(B * H, n, Dh)`` views.
 
-        ``slots`` are flat row indices into the buffer seen as ``(B * H * C, Dh)`` (``_flat``), so
+        ``slots`` are flat row indices into the buffer seen as ``(B * H * W, Dh)`` (``_flat``), so
         a write is one ``index_copy_`` (the same indices serve every layer of the forward).
         """
         keys, values, key_rows, value_rows = views
@@ -316,13 +343,14 @@ class FCCache:
         value_rows.index_copy_(0, slots, v.reshape(-1, Dh))
         return keys[:, :n], values[:, :n]
 
-    def _flat(self, slots: torch.Tensor, capacity: int, songs: torch.Tensor | None = None) -> torch.Tensor:
-        """Flat rows ``(R * H * L,)`` of slots ``(R, L)`` of some songs (default: all, in order) in a
-        ``(B, H, capacity, Dh)`` buffer, in the order of an ``(R, H, L, Dh)`` tensor's rows."""
+    def _flat(self, slots: torch.Tensor, songs: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat rows ``(R * H * L,)`` of joint slots ``(R, L)`` (regular slot i is joint slot
+        ``Cs + i``) of some songs (default: all, in order) in a ``(B, H, W, Dh)`` buffer, in the
+        order of an ``(R, H, L, Dh)`` tensor's rows."""
         R, L = slots.shape
-        H = self.shape[2]
+        H, W = self.shape[2], self.joint_tags.shape[-1]
         songs = torch.arange(R, device=slots.device) if songs is None else songs
-        base = (songs[:, None] * H + torch.arange(H, device=slots.device)) * capacity  # (R, H)
+        base = (songs[:, None] * H + torch.arange(H, device=slots.device)) * W  # (R, H)
         return (base[..., None] + slots[:, None, :]).reshape(-1)
 
     # -- room -----------------------------------------------------------------------------------
@@ -330,34 +358,28 @@ class FCCache:
         """Room for ``tokens`` more regular and ``summaries`` more summary slots per song: evict dead
         regular slots first, and grow (a new static capacity) only when still tight."""
         need = int(self.used.max()) + tokens
+        capacity = summary_capacity = None
         if need > self.capacity:
             if self.horizon is not None and self.started:
                 self.evicted += self.evict(self.tracker.closed + 1)
                 need = int(self.used.max()) + tokens
             if need > self.capacity * 3 // 4:  # keep headroom so eviction stays rare
-                self._grow(max(2 * self.capacity, need + MIN_CAPACITY), None)
+                capacity = max(2 * self.capacity, need + MIN_CAPACITY)
         need_s = int(self.summary_used.max()) + summaries
-        if need_s > self.summary_kind.shape[1]:
-            self._grow(None, max(2 * self.summary_kind.shape[1], need_s + MIN_CAPACITY))
+        if need_s > self._summary_capacity:
+            summary_capacity = max(2 * self._summary_capacity, need_s + MIN_CAPACITY)
+        if capacity is not None or summary_capacity is not None:
+            self._grow(capacity or self.capacity, summary_capacity or self._summary_capacity)
 
-    def _grow(self, capacity: int | None, summary_capacity: int | None) -> None:
+    def _grow(self, capacity: int, summary_capacity: int) -> None:
+        """Move every slot into new joint buffers with these capacities (shapes change only here)."""
         self.masks = None  # slots move
-        if capacity is not None:
-            n = self.capacity
-            keys, values, tags, _ = self._empty(capacity)
-            keys[:, :, :, :n], values[:, :, :, :n] = self.keys, self.values
-            for new, old in zip(tags, (self.kind, self.bar, self.pos)):
-                new[:, :n] = old
-            self.keys, self.values, (self.kind, self.bar, self.pos) = keys, values, tags
-        if summary_capacity is not None:
-            n = self.summary_kind.shape[1]
-            keys, values, tags, _ = self._empty(summary_capacity)
-            keys[:, :, :, :n], values[:, :, :, :n] = self.summary_keys, self.summary_values
-            for new, old in zip(tags, (self.summary_kind, self.summary_bar, self.summary_pos)):
-                new[:, :n] = old
-            self.summary_keys, self.summary_values = keys, values
-            self.summary_kind, self.summary_bar, self.summary_pos = tags
-        self._views()
+        n, ns = self.capacity, self._summary_capacity
+        keys, values, tags = self._allocate(capacity, summary_capacity)
+        self.summary_keys[..., :ns, :], self.keys[..., :n, :] = keys[..., :ns, :], keys[..., ns:, :]
+        self.summary_values[..., :ns, :], self.values[..., :n, :] = values[..., :ns, :], values[..., ns:, :]
+        self.joint_tags[:, :, :ns], self.joint_tags[:, :, summary_capacity:summary_capacity + n] = tags[:, :, :ns], tags[:, :, ns:]
+        self._width = 0
 
     def evict(self, current_bar: torch.Tensor) -> int:
         """Drop regular slots no query will read again, packing the rest to the front (in order).
@@ -377,25 +399,25 @@ class FCCache:
         # a stable sort puts the live slots first, in their original order
         order = torch.sort((~live).to(torch.uint8), dim=1, stable=True).indices  # (B, C)
         gather = order[None, :, None, :, None].expand_as(self.keys)  # (L, B, H, C, Dh)
-        self.keys = torch.gather(self.keys, 3, gather)
-        self.values = torch.gather(self.values, 3, gather)
+        self.keys.copy_(torch.gather(self.keys, 3, gather))  # in place: the regular part of the joint buffer
+        self.values.copy_(torch.gather(self.values, 3, gather))
         self.used = live.sum(dim=1)
         in_use = torch.arange(self.capacity, device=self.kind.device)[None] < self.used[:, None]
-        self.kind = torch.where(in_use, self.kind.gather(1, order), int(SlotKind.PAD))
-        self.bar = torch.where(in_use, self.bar.gather(1, order), 0)
-        self.pos = torch.where(in_use, self.pos.gather(1, order), -1)
+        self.kind.copy_(torch.where(in_use, self.kind.gather(1, order), int(SlotKind.PAD)))
+        self.bar.copy_(torch.where(in_use, self.bar.gather(1, order), 0))
+        self.pos.copy_(torch.where(in_use, self.pos.gather(1, order), -1))
         self._n = int(self.used.max())
-        self._views()
+        self._width = 0
         return dropped
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only some songs (indices into the batch, in this order), e.g. without finished ones."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
         self.masks, self._last_bars = None, None
-        for name in ("keys", "values", "summary_keys", "summary_values"):
-            setattr(self, name, getattr(self, name).index_select(1, rows))
-        for name in ("kind", "bar", "pos", "used", "summary_kind", "summary_bar", "summary_pos", "summary_used"):
-            setattr(self, name, getattr(self, name).index_select(0, rows))
+        self.joint_keys = self.joint_keys.index_select(1, rows)
+        self.joint_values = self.joint_values.index_select(1, rows)
+        self.joint_tags = self.joint_tags.index_select(1, rows)
+        self.used, self.summary_used = self.used.index_select(0, rows), self.summary_used.index_select(0, rows)
         self.tracker.select(rows)
         L, _, H, Dh = self.shape
         self.shape = (L, rows.numel(), H, Dh)

@@ -6,7 +6,8 @@ key/value + summary cache) lives in ``museformer.cache`` and the token grammar i
 
 - ``SampleConfig``: a frozen, validated description of one generation run (temperature, top-k,
   top-p, seed, stopping rules, grammar constraints). Its JSON form goes into every song's sidecar.
-- ``sample_next(logits, ...)``: one pure, seeded sampling step (temperature 0 means argmax).
+- ``sample_next(logits, ...)``: one pure, seeded sampling step (temperature 0 means argmax);
+  ``counter_uniforms(seeds, counters)``: every song's draw of a step in one batched operation.
 - ``stream(...)``: a Python generator yielding ``(song_index, token_id)`` as tokens are produced,
   for a batch of songs of different prompts and lengths; finished songs leave the batch.
 - ``generate(...)``: the Python API: songs (token ids, a ``symusic.Score`` and their metadata).
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from museformer.remigen import MAX_TEMPO, MIN_TEMPO
@@ -140,6 +142,34 @@ class SampleConfig:
 # ---------------------------------------------------------------------------------------------
 # one sampling step
 # ---------------------------------------------------------------------------------------------
+def counter_uniforms(seeds, counters) -> torch.Tensor:
+    """One uniform draw in [0, 1) per song from its own seed and draw counter, for all songs at once.
+
+    ``u = splitmix64(splitmix64(seed) + counter) / 2**64`` (the top 53 bits), in numpy uint64
+    arithmetic (wrapping): a counter-based stream, so song i's n-th draw depends only on
+    ``(seeds[i], counters[i])``, never on which songs share its batch, and a whole batch costs a
+    few array operations instead of one generator call per song.
+
+    Shapes: seeds, counters ``(B,)`` non-negative integers -> ``(B,)`` float64.
+    """
+    # uint64 array arithmetic wraps silently (only numpy scalars warn): keep everything arrays
+    z = _splitmix64(_splitmix64(np.asarray(seeds, dtype=np.uint64).reshape(-1))
+                    + np.asarray(counters, dtype=np.uint64).reshape(-1))
+    return torch.from_numpy((z >> _SHIFT_11).astype(np.float64) * 2.0**-53)
+
+
+_GAMMA, _MIX1, _MIX2 = (np.array([c], dtype=np.uint64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
+                                                                  0x94D049BB133111EB))
+_SHIFT_11, _SHIFT_27, _SHIFT_30, _SHIFT_31 = (np.array([n], dtype=np.uint64) for n in (11, 27, 30, 31))
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + _GAMMA
+    x = (x ^ (x >> _SHIFT_30)) * _MIX1
+    x = (x ^ (x >> _SHIFT_27)) * _MIX2
+    return x ^ (x >> _SHIFT_31)
+
+
 def sample_next(
     logits: torch.Tensor,
     *,
@@ -147,6 +177,7 @@ def sample_next(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample one token per row. Pure: the result depends only on the arguments.
 
@@ -157,6 +188,8 @@ def sample_next(
         top_p: keep the smallest prefix of the sorted distribution reaching probability p.
         generator: one generator for the whole batch, or one per row (then row i's draw depends
             only on its own generator, so a song does not depend on its batch neighbours).
+        uniforms: ``(B,)`` the rows' uniform draws in [0, 1), given instead of a generator
+            (``counter_uniforms``: one batched draw for many songs).
 
     Returns:
         ``(B,)`` int64 token ids.
@@ -168,34 +201,36 @@ def sample_next(
         return logits.argmax(dim=-1)
     if temperature != 1.0:  # x / 1.0 == x exactly: skip the op
         logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    batch, vocab = logits.shape
+    index = None  # the candidates' token ids (None: all tokens, in vocabulary order)
+    if top_k and top_k < vocab:
+        logits, index = torch.topk(logits, top_k, dim=-1)  # (B, k), best first
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of strictly better tokens
-        drop_sorted = before >= top_p  # the first token always stays (before = 0 < top_p)
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-    # Inverse-CDF sampling from one uniform draw per row: deterministic given the generator(s).
-    batch = logits.shape[0]
-    if generator is None or isinstance(generator, torch.Generator):
+        if index is None:
+            probs, index = torch.sort(probs, dim=-1, descending=True)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly better tokens (sorted)
+        probs = probs.masked_fill(before >= top_p, 0.0)  # the first token always stays (before = 0)
+    # Inverse-CDF sampling from one uniform draw per row: deterministic given the draws.
+    if uniforms is not None:
+        if uniforms.shape != (batch,):
+            raise ValueError(f"uniforms must have shape ({batch},), got {tuple(uniforms.shape)}")
+        u = uniforms.double()
+    elif generator is None or isinstance(generator, torch.Generator):
         u = torch.rand(batch, generator=generator, dtype=torch.float64)
     else:
         if len(generator) != batch:
             raise ValueError(f"{len(generator)} generators for a batch of {batch}")
         draws = [torch.rand(1, generator=g, dtype=torch.float64) for g in generator]
         u = draws[0] if batch == 1 else torch.cat(draws)
-    cdf = torch.cumsum(probs.double(), dim=-1)
+    cdf = torch.cumsum(probs.double(), dim=-1)  # (B, k)
     target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
-    ids = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    # guard against rounding at the top end and never pick a zero-probability token
-    ids = ids.clamp(max=logits.shape[-1] - 1)
-    picked_zero = probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1) <= 0
+    pick = torch.searchsorted(cdf, target, right=True).clamp_(max=probs.shape[-1] - 1)  # (B, 1)
+    # guard against rounding at the top end: never pick a zero-probability token
+    picked_zero = probs.gather(-1, pick) <= 0
     if picked_zero.any():
-        ids = torch.where(picked_zero, probs.argmax(dim=-1), ids)
-    return ids
+        pick = torch.where(picked_zero, probs.argmax(dim=-1, keepdim=True), pick)
+    return (pick if index is None else index.gather(-1, pick)).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +310,8 @@ def stream(
         model: a ``Museformer`` in eval mode.
         prompts: one id list per song (without BOS; may be empty); songs may differ in length.
         config: sampling and stopping rules.
-        seeds: one seed per song (its own random stream, independent of the other songs).
+        seeds: one seed per song (its own random stream, independent of the other songs: the
+            song's n-th token uses ``counter_uniforms(seed, n)``).
         grammar: a ``Grammar`` whose masks are applied at every step (None = unconstrained).
         recompute: re-run the whole prefix at every step instead of using the cache (what the
             official code does; for tests and benchmarks only).
@@ -313,7 +349,6 @@ def stream(
     if not active:
         return
     device = next(model.parameters()).device
-    generators = [torch.Generator().manual_seed(int(seeds[i])) for i in active]
     longest = max(lengths[i] for i in active)
     decoder = (RecomputeDecoder if recompute else Decoder)(model, capacity=min(longest + 1 + config.max_tokens, 4096))
     logits = decoder.prefill([[BOS_ID] + prompts[i] for i in active])
@@ -323,43 +358,49 @@ def stream(
         state = grammar.prefill(grammar.start(len(active), device), [prompts[i] for i in active], strict=False)
     never = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
     never[[0, PAD_ID, UNK_ID]] = True  # "<s>" is reserved, padding and unknown are not music
-    while active:
+    # per active song, as arrays (the per-step bookkeeping is vectorised; only the events loop)
+    rows = np.array(active)  # song index of each row
+    seed = np.array([int(seeds[i]) for i in active], dtype=np.uint64)
+    draws = np.zeros(len(active), dtype=np.int64)  # tokens sampled so far (the song's draw counter)
+    length = np.array([lengths[i] for i in active])
+    bar = np.array([bars[i] for i in active])
+    max_bars = config.max_bars
+    while True:
         # one mask of every forbidden token (fewer tensor ops per step: this loop runs per token)
-        forbid = never.repeat(len(active), 1) if state is None else ~grammar.allowed(state)  # (B, V)
+        forbid = never.expand(len(rows), -1).clone() if state is None else ~grammar.allowed(state)  # (B, V)
         forbid |= never
-        short = [row for row, i in enumerate(active) if lengths[i] < config.min_tokens
-                 or (config.max_bars is not None and bars[i] < config.max_bars)]  # EOS only after bar B
-        if short:
-            forbid[short, EOS_ID] = True
+        short = length < config.min_tokens if max_bars is None else bar < max_bars  # EOS only after bar B
+        if short.any():
+            forbid[:, EOS_ID] |= torch.from_numpy(short).to(device)
         logits = logits.float().masked_fill(forbid, float("-inf"))
         stuck = torch.isinf(logits).all(dim=-1)  # constraints left nothing: end the song
         if bool(stuck.any()):
             logits[stuck, EOS_ID] = 0.0
         next_ids = sample_next(logits, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
-                               generator=generators).to(device)
+                               uniforms=counter_uniforms(seed, draws)).to(device)
+        draws += 1
         if state is not None:
             state = grammar.advance(state, next_ids)
-        keep = []
-        for row, (i, token) in enumerate(zip(active, next_ids.tolist())):
-            if token == EOS_ID:
-                yield i, token, "eos"
-                continue
-            lengths[i] += 1
-            bars[i] += token == bar_id
-            reason = finished_by_rules(i)
+        tokens = next_ids.cpu().numpy()
+        eos = tokens == EOS_ID
+        length += ~eos
+        bar += tokens == bar_id
+        by_bars = np.zeros_like(eos) if max_bars is None else bar >= max_bars
+        by_tokens = length >= config.max_tokens
+        for row, (i, token) in enumerate(zip(rows.tolist(), tokens.tolist())):
+            reason = "eos" if eos[row] else "bars" if by_bars[row] else "max_tokens" if by_tokens[row] else None
             yield i, token, reason
-            if reason is None:
-                keep.append(row)
-        if len(keep) < len(active):
-            if not keep:
+        done = eos | by_bars | by_tokens
+        if done.any():
+            keep = np.flatnonzero(~done)
+            if not keep.size:
                 return
-            active = [active[r] for r in keep]
-            generators = [generators[r] for r in keep]
-            rows = torch.tensor(keep, device=device)
-            decoder.keep(rows)
-            next_ids = next_ids.index_select(0, rows)
+            rows, seed, draws, length, bar = rows[keep], seed[keep], draws[keep], length[keep], bar[keep]
+            kept = torch.from_numpy(keep).to(device)
+            decoder.keep(kept)
+            next_ids = next_ids.index_select(0, kept)
             if state is not None:
-                state = state.select(rows)
+                state = state.select(kept)
         logits = decoder.step(next_ids)
 
 

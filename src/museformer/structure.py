@@ -125,6 +125,7 @@ class BarTracker:
         self.inherits = inherits  # (V,)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         self.next_pos, self.closed, self.onset = zeros, zeros.clone(), zeros.clone()
+        self.all_started = False  # every song has read a token (then one-token chunks take the short path)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these songs (indices into the batch), in this order."""
@@ -136,7 +137,7 @@ class BarTracker:
         Shapes: ids ``(B, Tq)`` -> three ``(B, Tq)`` int64 tensors (position = index in the song).
         """
         batch, length = ids.shape
-        if length == 1 and bool((self.next_pos > 0).all()):
+        if length == 1 and self.all_started:
             return self._advance_one(ids[:, 0])
         real = ids != PAD_ID
         kind = self.kinds[ids]  # (B, Tq)
@@ -165,22 +166,38 @@ class BarTracker:
         self.onset = torch.where(count > 0, after, self.onset)
         self.closed = self.closed + is_end.sum(dim=1)
         self.next_pos = self.next_pos + count
+        self.all_started = bool((self.next_pos > 0).all())
         return bars, onsets, positions
 
     def _advance_one(self, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``advance`` for one token per song after the first (a decoding step): the same rules
-        in a third of the tensor ops. Shapes: token ``(B,)`` -> three ``(B, 1)``."""
-        real = token != PAD_ID
-        kind = self.kinds[token]  # (B,)
-        in_force = torch.where(kind == TokenKind.ONSET, self.values[token] + 1, self.onset)
-        onsets = torch.where(self.inherits[token] & real, in_force, 0)
-        bars = torch.where(real, self.closed + 1, 0)
+        from one lookup in a per-vocabulary table, in a third of the tensor ops.
+        Shapes: token ``(B,)`` -> three ``(B, 1)``."""
+        real, sets, inherits, keeps = self._step_table()[token].unbind(1)  # (B,) each
+        in_force = torch.where(sets > 0, sets, self.onset)  # PAD sets nothing: its onset is carried
+        onsets = in_force * inherits  # PAD inherits nothing
+        bars = (self.closed + 1) * real
         positions = self.next_pos
-        is_end = (kind == TokenKind.BAR) & real
-        self.onset = torch.where(is_end, 0, torch.where(real, in_force, self.onset))
-        self.closed = self.closed + is_end.long()
-        self.next_pos = self.next_pos + real.long()
+        self.onset = in_force * keeps  # a b-1 resets the onset
+        self.closed = self.closed + (1 - keeps)
+        self.next_pos = self.next_pos + real
         return bars[:, None], onsets[:, None], positions[:, None]
+
+    def _step_table(self) -> torch.Tensor:
+        """``(V, 4)`` int64 per token id: is it real (not PAD), the onset id it sets (``o-k``:
+        k + 1, else 0), does it inherit the onset in force, does it keep the onset (0 for ``b-1``)."""
+        table = self.__dict__.get("_table")
+        if table is None:
+            real = torch.ones_like(self.kinds)
+            real[PAD_ID] = 0
+            sets = torch.where(self.kinds == TokenKind.ONSET, self.values + 1, 0)
+            keeps = (self.kinds != TokenKind.BAR).long()
+            keeps[PAD_ID] = 1
+            inherits = self.inherits.long()
+            inherits[PAD_ID] = 0
+            sets[PAD_ID] = 0
+            table = self.__dict__["_table"] = torch.stack([real, sets, inherits, keeps], dim=1)
+        return table
 
 
 # =============================================================================================
