@@ -1,7 +1,36 @@
 """Shared test fixtures."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+def prepared_copies(root: Path, tokenizer) -> Path:
+    """The test MIDI files (Bach chorales and synthetic songs) copied into 4 folders under ``root`` and
+    prepared with ``tokenizer`` (20% valid, 20% test, so that every split has songs)."""
+    from museformer.data import prepare
+
+    for copy in "abcd":
+        (root / "midi" / copy).mkdir(parents=True)
+        for f in DATA.glob("*.mid"):
+            shutil.copy(f, root / "midi" / copy / f.name)
+    prepare(root / "midi", root / "prep", tokenizer, progress=False, valid_fraction=0.2, test_fraction=0.2)
+    return root / "prep"
+
+
+@pytest.fixture(scope="session")
+def lmd6_copies(tmp_path_factory) -> Path:
+    """``prepared_copies`` with the LMD preset (train, valid and test all non-empty)."""
+    from museformer.data import open_split
+    from museformer.tokenizer import Tokenizer
+
+    prep = prepared_copies(tmp_path_factory.mktemp("lmd6_copies"), Tokenizer.preset("lmd6"))
+    assert all(len(open_split(prep, s)) for s in ("train", "valid", "test"))
+    return prep
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from museformer.structure import AttentionPattern, dense_masks, bar_layout, toy_
 from museformer.vocab import Vocab
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
@@ -32,20 +31,9 @@ def bench_module():
 
 
 @pytest.fixture(scope="module")
-def toy_data(tmp_path_factory) -> Path:
-    """The test MIDI files in 4 copies, prepared with the LMD preset (train, valid and test all non-empty)."""
-    from museformer.data import open_split, prepare
-    from museformer.tokenizer import Tokenizer
-
-    root = tmp_path_factory.mktemp("structure_bench")
-    for copy in "abcd":
-        (root / "midi" / copy).mkdir(parents=True)
-        for f in DATA.glob("*.mid"):
-            shutil.copy(f, root / "midi" / copy / f.name)
-    prepare(root / "midi", root / "prep", Tokenizer.preset("lmd6"), progress=False, valid_fraction=0.2,
-            test_fraction=0.2)
-    assert all(len(open_split(root / "prep", s)) for s in ("train", "valid", "test"))
-    return root / "prep"
+def toy_data(lmd6_copies) -> Path:
+    """The test MIDI files in 4 copies, prepared with the LMD preset (conftest.lmd6_copies)."""
+    return lmd6_copies
 
 
 def test_pattern_table_holds_five_distinct_valid_patterns(bench_module):

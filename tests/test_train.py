@@ -6,7 +6,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import prepared_copies
 
 from museformer.cli import build_train_config
 from museformer.cli import main as cli_main
@@ -24,7 +24,6 @@ from museformer.errors import MuseformerError
 from museformer.evaluate import evaluate_perplexity
 from museformer.train import TrainConfig, lr_at, train
 
-DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
 # a tiny model on short songs: each update takes a few milliseconds on a CPU
 FAST = ["max_len=192", "val_max_len=192", "batch_tokens=384", "warmup_steps=2", "lr=3e-3",
@@ -34,16 +33,9 @@ FAST = ["max_len=192", "val_max_len=192", "batch_tokens=384", "warmup_steps=2", 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> Path:
     """The test MIDI files (Bach chorales and synthetic songs), copied into 4 folders and prepared."""
-    from museformer.data import prepare
     from museformer.tokenizer import Tokenizer
 
-    root = tmp_path_factory.mktemp("train_data")
-    for copy in "abcd":
-        (root / "midi" / copy).mkdir(parents=True)
-        for f in DATA.glob("*.mid"):
-            shutil.copy(f, root / "midi" / copy / f.name)
-    prepare(root / "midi", root / "prep", Tokenizer(), progress=False, valid_fraction=0.2, test_fraction=0.2)
-    return root / "prep"
+    return prepared_copies(tmp_path_factory.mktemp("train_data"), Tokenizer())
 
 
 def _config(data: Path, out: Path, *extra: str) -> TrainConfig:

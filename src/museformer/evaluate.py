@@ -113,7 +113,7 @@ def repeated_bars(input_ids: np.ndarray, bar_ids: np.ndarray, interval: int) -> 
         raise ParameterError("intervals", f"values must be >= 1, got {interval}")
     bars = np.asarray(bar_ids)
     ids = np.asarray(input_ids)
-    numbers, starts = np.unique(bars, return_index=True)
+    numbers = np.unique(bars)
     content = {int(b): ids[bars == b].tobytes() for b in numbers if b >= 1}
     repeats = {b for b, tokens in content.items() if content.get(b - interval) == tokens}
     target_bar = np.concatenate([bars[1:], bars[-1:]])
