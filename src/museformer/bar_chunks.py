@@ -1,27 +1,39 @@
 """Bar-chunked FC-attention: exact, differentiable, with attention dropout, on any device.
 
-This module owns the ``"chunks"`` attention backend. It computes exactly what the dense reference
-(``attention.DenseBackend``, masks of ``structure.may_attend``) computes, forward and backward, but
-only over the keys the pattern reads, with plain tensor ops (so autograd gives the backward on every
-device) and no ``T x T`` tensor anywhere:
+This module owns the ``"chunks"`` attention backend (and ``"chunks-plain"``, the same through plain
+ops). It computes exactly what the dense reference (``attention.DenseBackend``, masks of
+``structure.may_attend``) computes, forward and backward, but only over the keys the pattern reads,
+on every device, with no ``T x T`` tensor anywhere:
 
 - **Aggregation.** The regular queries of one bar (a *chunk*) read the same key set: their coarse
   summaries (``key2``/``value2``), BOS, the whole fine bars ``b - o`` (contiguous token ranges) and
   their own bar (causally). The keys of every chunk are gathered into one row
   (``[coarse summaries, BOS, fine bars..., own bar]``), chunks of similar query and key length are
-  stacked into a *group* (lengths padded up a short ladder), and each group is one batched matmul ->
-  masked softmax -> matmul: one softmax over exactly the keys ``may_attend`` allows. The small
-  additive mask of a group (key padding, the own bar's causal triangle) is built once per forward
-  and shared by all layers. No masked SDPA (masks push it off its fast CPU kernel) and no
-  log-sum-exp merge is needed.
+  stacked into a *group* (lengths padded up a short ladder), and groups are cut into *pieces* of
+  bounded size (``_PIECE_ELEMENTS``); each piece is one batched matmul -> masked softmax -> matmul:
+  one softmax over exactly the keys ``may_attend`` allows. A piece's mask (key padding, the own
+  bar's causal triangle) is built on the fly from three numbers per chunk. No masked SDPA (masks
+  push it off its fast CPU kernel) and no log-sum-exp merge of parts is needed.
+- **Backward (flash-attention style).** ``_ChunkAttention`` keeps q, k, v, key2/value2, the output
+  and one log-sum-exp per query row and head; its backward recomputes each piece's weights from the
+  scores and the log-sum-exp, and scatters dQ / dK / dV back with ``index_add_``.
 - **Summarisation.** A summary reads itself and its bar's tokens: a segment softmax over contiguous
-  bars, O(T x D).
-- **Attention dropout** is drawn only over the weights of the keys a query reads (O(T x keys per
-  query)), and scales the kept weights by 1 / (1 - p), as SDPA does on the dense weights: the same
-  distribution as the dense reference's dropout (drop probability p within 2**-33).
+  bars through plain ops; autograd keeps O(T x D) (per-token scores, weights and masks are T x H).
+- **Attention dropout** is drawn only over the weights of the keys a query reads, and scales the
+  kept weights by 1 / (1 - p), as SDPA does on the dense weights: the same distribution as the dense
+  reference's dropout (drop probability p within 2**-33). In the aggregation each piece's mask comes
+  from its own ``torch.Generator``, seeded from one seed per forward (``draw_seed``: from the default
+  generator, so ``torch.manual_seed`` fixes it); the backward redraws the same mask.
 
-Memory per layer is O(T x keys per query), keys per query = fine-bar tokens + coarse summaries (the
-pattern reads every coarse summary, so that term is T x S). The ``"full"`` pattern (no bars) runs
+**Memory.** What autograd keeps per layer is O(T x H x Dh) (no score, weight or dropout mask);
+transients are one piece at a time (<= 2**22 elements per score tensor, about five such in a
+piece's backward: ~80 MB in float32). The per-batch index state is ``query_rows`` (O(T)) and
+``key_rows``: one entry per key column of each chunk, C x (fine-bar tokens + coarse summaries),
+i.e. O(T x fine keys per query / bar length + C x S). The C x S term grows as (T / bar length)**2,
+8 bytes each: at 32,768 tokens in bars of ~100 that is ~1 MB against 64 MB for one float32
+(T, 8 x 64) tensor, so it passes a float tensor only beyond ~2.5 M tokens. The plain-ops path
+(``recompute=False``) keeps every piece's scores, weights and masks: O(T x keys per query), with
+keys per query including every coarse summary (T x S). The ``"full"`` pattern (no bars) runs
 causal SDPA.
 
 Notation: B batch, T regular tokens, S summary slots, H heads, Dh head width, C chunks (bars of the
@@ -282,9 +294,10 @@ def _piece_rows(g: ChunkGroup, lo: int, hi: int) -> tuple[torch.Tensor, torch.Te
     return g.query_rows[lo * g.query_len:hi * g.query_len], g.key_rows[lo * g.key_len:hi * g.key_len]
 
 
-def _scores(qg: torch.Tensor, kg: torch.Tensor, reads: torch.Tensor, scale: float, work) -> torch.Tensor:
-    """Scaled scores in ``work`` precision, ``_MASKED`` where a query does not read a key: ``(m, H, Lq, Lk)``."""
-    return torch.matmul(qg, kg.transpose(-1, -2)).to(work).mul_(scale).masked_fill_(~reads, _MASKED)
+def _scores(qg: torch.Tensor, kg: torch.Tensor, reads: torch.Tensor, work) -> torch.Tensor:
+    """Scores (the queries come scaled by Dh**-0.5) in ``work`` precision, ``_MASKED`` where a query
+    does not read a key: ``(m, H, Lq, Lk)``."""
+    return torch.matmul(qg, kg.transpose(-1, -2)).to(work).masked_fill_(~reads, _MASKED)
 
 
 class _ChunkAttention(torch.autograd.Function):
@@ -301,7 +314,7 @@ class _ChunkAttention(torch.autograd.Function):
         batch, heads, length, dim = q.shape
         dtype, work = q.dtype, torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(q.device.type, enabled=False):
-            q_rows, k_rows, v_rows = _query_rows(q), _key_rows(k, k2), _key_rows(v, v2)
+            q_rows, k_rows, v_rows = _query_rows(q).mul_(dim**-0.5), _key_rows(k, k2), _key_rows(v, v2)  # scaled q
             out = q.new_zeros(batch * length + 1, heads, dim)  # the last row: what padding rows write
             lse = torch.zeros(batch * length + 1, heads, dtype=work, device=q.device)
             for index, (g, lo, hi) in enumerate(pieces(chunks, heads, dim)):
@@ -309,7 +322,7 @@ class _ChunkAttention(torch.autograd.Function):
                 q_at, k_at = _piece_rows(g, lo, hi)
                 vg = _gather(v_rows, k_at, m, lk)  # (m, H, Lk, Dh)
                 weights = _scores(_gather(q_rows, q_at, m, lq), _gather(k_rows, k_at, m, lk), g.reads(lo, hi),
-                                  dim**-0.5, work)  # (m, H, Lq, Lk)
+                                  work)  # (m, H, Lq, Lk)
                 top = weights.amax(-1, keepdim=True)  # (m, H, Lq, 1)
                 total = weights.sub_(top).exp_().sum(-1, keepdim=True)
                 weights.div_(total)
@@ -334,7 +347,7 @@ class _ChunkAttention(torch.autograd.Function):
         tokens, scale = batch * length, dim**-0.5
         dtype, work = q.dtype, torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(q.device.type, enabled=False):
-            q_rows, k_rows, v_rows = _query_rows(q), _key_rows(k, k2), _key_rows(v, v2)
+            q_rows, k_rows, v_rows = _query_rows(q).mul_(scale), _key_rows(k, k2), _key_rows(v, v2)  # scaled q
             d_out = _query_rows(grad.to(dtype))  # (B * T + 1, H, Dh); padding rows read the zero row
             d_dot = (d_out.to(work) * _query_rows(out).to(work)).sum(-1)  # (B * T + 1, H): rowsum(dO * O)
             d_q = torch.zeros(q_rows.shape, dtype=work, device=q.device)
@@ -348,7 +361,7 @@ class _ChunkAttention(torch.autograd.Function):
                 if dropout_p > 0:  # the kept weights' 1 / (1 - p), applied to dO once (both uses need it)
                     dog = dog * (1.0 / (1.0 - dropout_p))
                 lse_g, d_dot_g = (_gather(x[..., None], q_at, m, lq) for x in (lse, d_dot))  # (m, H, Lq, 1)
-                weights = _scores(qg, kg, g.reads(lo, hi), scale, work).sub_(lse_g).exp_()  # P
+                weights = _scores(qg, kg, g.reads(lo, hi), work).sub_(lse_g).exp_()  # P
                 dropped = weights
                 if dropout_p > 0:
                     keep = dropout_keep(weights.shape, dropout_p, piece_generator(seed, index, q.device), q.device)
@@ -358,7 +371,7 @@ class _ChunkAttention(torch.autograd.Function):
                 d_weights = torch.matmul(dog, vg.transpose(-1, -2)).to(work)  # (m, H, Lq, Lk)
                 if dropout_p > 0:
                     d_weights.mul_(keep)
-                d_scores = d_weights.sub_(d_dot_g).mul_(weights).mul_(scale).to(dtype)
+                d_scores = d_weights.sub_(d_dot_g).mul_(weights).to(dtype)  # dS (scores of the scaled q)
                 d_q.index_add_(0, q_at, torch.matmul(d_scores, kg).transpose(1, 2).reshape(m * lq, heads, dim).to(work))
                 d_k.index_add_(0, k_at, torch.matmul(d_scores.transpose(-1, -2), qg)
                                .transpose(1, 2).reshape(m * lk, heads, dim).to(work))
@@ -369,7 +382,7 @@ class _ChunkAttention(torch.autograd.Function):
 
         d_k_all = (back(d_k, 0, tokens), back(d_k, tokens, batch * summaries))
         d_v_all = (back(d_v, 0, tokens), back(d_v, tokens, batch * summaries))
-        grads = (back(d_q, 0, tokens), d_k_all[0], d_v_all[0], d_k_all[1], d_v_all[1])
+        grads = (back(d_q.mul_(scale), 0, tokens), d_k_all[0], d_v_all[0], d_k_all[1], d_v_all[1])
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None)
 
 
@@ -378,12 +391,12 @@ def _aggregate_autograd(q, k2, v2, k, v, chunks: BarChunks, dropout_p: float, se
     weights and masks: O(T x keys per query)); the reference of the recomputing backward."""
     batch, heads, length, dim = q.shape
     work = torch.promote_types(q.dtype, torch.float32)
-    q_rows, k_rows, v_rows = _query_rows(q), _key_rows(k, k2), _key_rows(v, v2)
+    q_rows, k_rows, v_rows = _query_rows(q) * dim**-0.5, _key_rows(k, k2), _key_rows(v, v2)  # scaled q
     outs, at = [], []
     for index, (g, lo, hi) in enumerate(pieces(chunks, heads, dim)):
         m, lq, lk = hi - lo, g.query_len, g.key_len
         q_at, k_at = _piece_rows(g, lo, hi)
-        scores = _scores(_gather(q_rows, q_at, m, lq), _gather(k_rows, k_at, m, lk), g.reads(lo, hi), dim**-0.5, work)
+        scores = _scores(_gather(q_rows, q_at, m, lq), _gather(k_rows, k_at, m, lk), g.reads(lo, hi), work)
         weights = torch.softmax(scores, dim=-1)
         if dropout_p > 0:
             keep = dropout_keep(weights.shape, dropout_p, piece_generator(seed, index, q.device), q.device)
@@ -476,3 +489,13 @@ class BarChunkBackend:
     def aggregate(self, q_r, k2, v2, k_r, v_r, state: BarChunks, dropout_p: float) -> torch.Tensor:
         """Regular queries over fine-bar tokens, BOS and coarse summaries -> ``(B, H, T, Dh)``."""
         return aggregate(q_r, k2, v2, k_r, v_r, state, dropout_p, recompute=self.recompute)
+
+
+class PlainBarChunkBackend(BarChunkBackend):
+    """``"chunks-plain"``: the bar chunks with the plain-ops aggregation (same results and dropout
+    masks; autograd keeps O(T x keys per query), so memory is not linear in length)."""
+
+    name = "chunks-plain"
+
+    def __init__(self) -> None:
+        super().__init__(recompute=False)
