@@ -14,9 +14,9 @@ on every device, with no ``T x T`` tensor anywhere:
   one softmax over exactly the keys ``may_attend`` allows. A piece's mask (key padding, the own
   bar's causal triangle) is built on the fly from three numbers per chunk. No masked SDPA (masks
   push it off its fast CPU kernel) and no log-sum-exp merge of parts is needed.
-- **Backward (flash-attention style).** ``_ChunkAttention`` keeps q, k, v, key2/value2, the output
-  and one log-sum-exp per query row and head; its backward recomputes each piece's weights from the
-  scores and the log-sum-exp, and scatters dQ / dK / dV back with ``index_add_``.
+- **Backward (flash-attention style).** ``_ChunkAttention`` keeps q, k, v, key2/value2 and the
+  output; its backward recomputes each piece's scores and softmax (the same kernel on the same
+  inputs gives the same weights) and scatters dQ / dK / dV back with ``index_add_``.
 - **Summarisation.** A summary reads itself and its bar's tokens: a segment softmax over contiguous
   bars through plain ops; autograd keeps O(T x D) (per-token scores, weights and masks are T x H).
 - **Attention dropout** is drawn only over the weights of the keys a query reads, and scales the
@@ -25,7 +25,8 @@ on every device, with no ``T x T`` tensor anywhere:
   from its own ``torch.Generator``, seeded from one seed per forward (``draw_seed``: from the default
   generator, so ``torch.manual_seed`` fixes it); the backward redraws the same mask.
 
-**Memory.** What autograd keeps per layer is O(T x H x Dh) (no score, weight or dropout mask);
+**Memory.** What autograd keeps per layer is O(T x H x Dh): q, k, v, key2/value2 and the output
+(no score, weight or dropout mask);
 transients are one piece at a time (<= 2**22 elements per score tensor, about five such in a
 piece's backward: ~80 MB in float32). The per-batch index state is ``query_rows`` (O(T)) and
 ``key_rows``: one entry per key column of each chunk, C x (fine-bar tokens + coarse summaries),
@@ -275,8 +276,9 @@ def draw_seed() -> int:
 
 
 def _gather(rows: torch.Tensor, index: torch.Tensor, n: int, length: int) -> torch.Tensor:
-    """Rows ``(R, H, Dh)`` picked by ``index`` ``(n * L,)`` -> ``(n, H, L, Dh)``."""
-    return rows.index_select(0, index).view(n, length, *rows.shape[1:]).transpose(1, 2)
+    """Rows ``(R, H, Dh)`` picked by ``index`` ``(n * L,)`` -> ``(n, H, L, Dh)``, contiguous (so the
+    products that read it twice do not copy it twice)."""
+    return rows.index_select(0, index).view(n, length, *rows.shape[1:]).transpose(1, 2).contiguous()
 
 
 def _key_rows(x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -297,16 +299,18 @@ def _piece_rows(g: ChunkGroup, lo: int, hi: int) -> tuple[torch.Tensor, torch.Te
 def _scores(qg: torch.Tensor, kg: torch.Tensor, reads: torch.Tensor, work) -> torch.Tensor:
     """Scores (the queries come scaled by Dh**-0.5) in ``work`` precision, ``_MASKED`` where a query
     does not read a key: ``(m, H, Lq, Lk)``."""
-    return torch.matmul(qg, kg.transpose(-1, -2)).to(work).masked_fill_(~reads, _MASKED)
+    bias = torch.where(reads, 0.0, _MASKED).to(work)  # (m, 1, Lq, Lk): an in-place add beats masked_fill_
+    return torch.matmul(qg, kg.transpose(-1, -2)).to(work).add_(bias)
 
 
 class _ChunkAttention(torch.autograd.Function):
     """The aggregation with a recomputing backward: saves O(T x H x Dh), never a score or a mask.
 
-    Forward per piece: scores -> softmax (keeping each row's log-sum-exp) -> dropout -> weights @ V.
-    Backward per piece: the weights again from the scores and the log-sum-exp, the dropout mask
-    again from its generator, then dV = Pd^T dO, dS = P * (dO V^T * mask - rowsum(dO * O)),
-    dQ = dS K, dK = dS^T Q, scattered into the rows with ``index_add_``.
+    Forward per piece: scores -> softmax -> dropout -> weights @ V. Backward per piece: the same
+    scores and softmax again (the same kernel on the same inputs: the same weights, so no
+    log-sum-exp needs keeping), the dropout mask again from its generator, then dV = Pd^T dO,
+    dS = P * (dO V^T * mask - rowsum(dO * O)), dQ = dS K, dK = dS^T Q, scattered into the rows
+    with ``index_add_``.
     """
 
     @staticmethod
@@ -316,16 +320,12 @@ class _ChunkAttention(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             q_rows, k_rows, v_rows = _query_rows(q).mul_(dim**-0.5), _key_rows(k, k2), _key_rows(v, v2)  # scaled q
             out = q.new_zeros(batch * length + 1, heads, dim)  # the last row: what padding rows write
-            lse = torch.zeros(batch * length + 1, heads, dtype=work, device=q.device)
             for index, (g, lo, hi) in enumerate(pieces(chunks, heads, dim)):
                 m, lq, lk = hi - lo, g.query_len, g.key_len
                 q_at, k_at = _piece_rows(g, lo, hi)
                 vg = _gather(v_rows, k_at, m, lk)  # (m, H, Lk, Dh)
-                weights = _scores(_gather(q_rows, q_at, m, lq), _gather(k_rows, k_at, m, lk), g.reads(lo, hi),
-                                  work)  # (m, H, Lq, Lk)
-                top = weights.amax(-1, keepdim=True)  # (m, H, Lq, 1)
-                total = weights.sub_(top).exp_().sum(-1, keepdim=True)
-                weights.div_(total)
+                weights = torch.softmax(_scores(_gather(q_rows, q_at, m, lq), _gather(k_rows, k_at, m, lk),
+                                                g.reads(lo, hi), work), dim=-1)  # (m, H, Lq, Lk)
                 if dropout_p > 0:  # drop weights; the 1 / (1 - p) scale goes on the (smaller) output
                     weights.mul_(dropout_keep(weights.shape, dropout_p, piece_generator(seed, index, q.device), q.device))
                 rows = torch.matmul(weights.to(dtype), vg)  # (m, H, Lq, Dh)
@@ -333,15 +333,14 @@ class _ChunkAttention(torch.autograd.Function):
                     rows.mul_(1.0 / (1.0 - dropout_p))
                 rows = rows.transpose(1, 2).reshape(m * lq, heads, dim)
                 out.index_copy_(0, q_at, rows)
-                lse.index_copy_(0, q_at, (top + total.log()).view(m, heads, lq).transpose(1, 2).reshape(m * lq, heads))
         out = out[:-1].view(batch, length, heads, dim).transpose(1, 2)  # (B, H, T, Dh)
-        ctx.save_for_backward(q, k, v, k2, v2, out, lse)
+        ctx.save_for_backward(q, k, v, k2, v2, out)
         ctx.chunks, ctx.dropout_p, ctx.seed = chunks, dropout_p, seed
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, k2, v2, out, lse = ctx.saved_tensors
+        q, k, v, k2, v2, out = ctx.saved_tensors
         chunks, dropout_p, seed = ctx.chunks, ctx.dropout_p, ctx.seed
         batch, heads, length, dim = q.shape
         tokens, scale = batch * length, dim**-0.5
@@ -360,8 +359,8 @@ class _ChunkAttention(torch.autograd.Function):
                 dog = _gather(d_out, q_at, m, lq)  # (m, H, Lq, Dh)
                 if dropout_p > 0:  # the kept weights' 1 / (1 - p), applied to dO once (both uses need it)
                     dog = dog * (1.0 / (1.0 - dropout_p))
-                lse_g, d_dot_g = (_gather(x[..., None], q_at, m, lq) for x in (lse, d_dot))  # (m, H, Lq, 1)
-                weights = _scores(qg, kg, g.reads(lo, hi), work).sub_(lse_g).exp_()  # P
+                d_dot_g = _gather(d_dot[..., None], q_at, m, lq)  # (m, H, Lq, 1)
+                weights = torch.softmax(_scores(qg, kg, g.reads(lo, hi), work), dim=-1)  # P, as in the forward
                 dropped = weights
                 if dropout_p > 0:
                     keep = dropout_keep(weights.shape, dropout_p, piece_generator(seed, index, q.device), q.device)
