@@ -16,13 +16,24 @@ fp32 matmul peak. ``x causal`` is causal SDPA's time over the row's time (same d
     python benchmarks/attention.py --out results/ [--device cpu] [--lengths 4096 16384 32768] [--flex]
 
 Prints a table and writes ``attention_<device>.json`` to ``--out``.
+
+``--memory`` (CPU) instead runs every case in a fresh subprocess and reports its forward+backward
+time and its **peak memory**: the process's resident-set high-water mark (``VmHWM``, reset once the
+inputs exist) minus its resident set then (so the bar-chunk state, every saved tensor and every transient
+count). Cases: causal SDPA, the bar chunks of another checkout (``--other-src``, e.g. main's
+``src``: its aggregation through plain ops), the plain-ops path of this checkout and its
+recomputing backward (the default), each with attention dropout 0 and 0.1:
+
+    python benchmarks/attention.py --memory --out results/ --other-src /work/main/src --lengths 4096 8192
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -84,10 +95,117 @@ def saved_mb(fn) -> float:
 
 
 def keys_read(state, tokens: int) -> int:
-    """Query-key pairs the bar-chunk aggregation reads (its masks' zeros minus padding rows)."""
-    reads = sum(int((g.bias == 0).sum()) for g in state.groups)
+    """Query-key pairs the bar-chunk aggregation reads (minus the one column each padding row reads)."""
+    reads = sum(int(g.reads(0, g.query_count.numel()).sum()) for g in state.groups)
     rows = sum(g.query_rows.numel() for g in state.groups)
     return reads - (rows - tokens)
+
+
+# =============================================================================================
+# --memory: one case per fresh process (time and resident-set high-water mark)
+# =============================================================================================
+MEMORY_METHODS = ("causal SDPA", "chunks (other checkout)", "chunks, plain ops", "chunks, recomputing")
+
+
+def _status_mb(field: str) -> float:
+    """``VmRSS`` (resident set now) or ``VmHWM`` (its high-water mark) of this process, MB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def _reset_peak() -> None:
+    """Reset this process's resident-set high-water mark to the resident set now (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def run_case(method: str, length: int, dropout_p: float, repeat: int) -> dict:
+    """One case in this (fresh) process: fwd+bwd ms (median of ``repeat`` after the first run, or the
+    first run when ``repeat`` is 0) and MB of peak memory above the inputs."""
+    torch.manual_seed(0)
+    pattern = AttentionPattern()
+    ids = synthetic_song(length)
+    layout = bar_layout(ids, VOCAB, pattern)
+    S = layout.num_summaries
+    g = torch.Generator().manual_seed(0)
+
+    def rand(n):  # (B, H, n, Dh) as FCAttention makes them: a transposed view of (B, n, H, Dh)
+        return torch.randn(1, n, HEADS, HEAD_DIM, generator=g).transpose(1, 2).requires_grad_()
+
+    q, k, v = rand(length), rand(length), rand(length)
+    sq, sk, sv, k2, v2 = (rand(S) for _ in range(5))
+    inputs = (q, k, v, sq, sk, sv, k2, v2)
+    _reset_peak()  # what torch's import and the inputs took before does not count
+    base = _status_mb("VmRSS")
+    if method == "causal SDPA":
+        def forward():
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    else:
+        # BarChunkBackend is the one of the checkout on PYTHONPATH (the parent sets it per case)
+        backend = BarChunkBackend(recompute=False) if method == "chunks, plain ops" else BarChunkBackend()
+        state = backend.prepare(layout, pattern)
+
+        def forward():
+            h = backend.summarise(sq, sk, sv, k, v, state, dropout_p)
+            return backend.aggregate(q, k2, v2, k, v, state, dropout_p).sum() + h.sum()
+
+    times = []
+    for _ in range(1 + repeat):
+        start = time.perf_counter()
+        forward().sum().backward()
+        times.append((time.perf_counter() - start) * 1e3)
+        for x in inputs:
+            x.grad = None
+    peak = _status_mb("VmHWM") - base
+    return {"method": method, "tokens": length, "bars": S, "dropout": dropout_p,
+            "fwd_bwd_ms": statistics.median(times[1:] or times), "peak_mb": peak}
+
+
+def memory_table(args) -> None:
+    """Every (length, dropout, method) in a fresh subprocess; print a table and write JSON."""
+    meta = describe("cpu")
+    meta.update(dtype="float32", heads=HEADS, head_dim=HEAD_DIM, command=" ".join(sys.argv))
+    print(header(meta), flush=True)
+    here = str(Path(__file__).resolve().parent.parent / "src")
+    rows = []
+    for length in args.lengths or [4_096, 8_192, 16_384, 32_768]:
+        for dropout_p in (0.0, 0.1):
+            for method in MEMORY_METHODS:
+                if method == "chunks (other checkout)" and not args.other_src:
+                    continue
+                # SDPA's CPU dropout is its math path: T x T weights (8 heads: 8 GB at 8,192 tokens)
+                if method == "causal SDPA" and dropout_p and length > args.causal_dropout_limit:
+                    rows.append({"method": method, "tokens": length, "dropout": dropout_p,
+                                 "skipped": "math path, T x T weights"})
+                    continue
+                src = args.other_src if method == "chunks (other checkout)" else here
+                env = dict(os.environ, PYTHONPATH=src)
+                repeat = args.repeat if length <= 8192 else 0
+                cmd = [sys.executable, __file__, "--case", method, "--length", str(length),
+                       "--dropout", str(dropout_p), "--repeat", str(repeat), "--out", str(args.out)]
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+                if done.returncode:
+                    row = {"method": method, "tokens": length, "dropout": dropout_p,
+                           "error": done.stderr.strip().splitlines()[-1][:200] if done.stderr.strip() else done.returncode}
+                else:
+                    row = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(f"  {row}  (load {os.getloadavg()[0]:.2f})", flush=True)
+    meta["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(header(meta))
+    print("| tokens | attention dropout | method | fwd+bwd ms | x causal | peak MB |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for row in rows:
+        causal = next((r for r in rows if r["tokens"] == row["tokens"] and r["method"] == "causal SDPA"
+                       and r["dropout"] == row["dropout"] and "fwd_bwd_ms" in r), None)
+        if "fwd_bwd_ms" not in row:
+            print(f"| {row['tokens']:,} | {row['dropout']} | {row['method']} | {row.get('skipped', row.get('error'))} | | |")
+            continue
+        ratio = f"{causal['fwd_bwd_ms'] / row['fwd_bwd_ms']:.2f}" if causal else "-"
+        print(f"| {row['tokens']:,} | {row['dropout']} | {row['method']} | {row['fwd_bwd_ms']:.0f} | {ratio} | "
+              f"{row['peak_mb']:.0f} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "attention_memory_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 def bench_length(length: int, device: str, dtype, block_sizes, repeat: int, flex: bool, peak: float) -> dict:
@@ -207,7 +325,20 @@ def main() -> None:
     parser.add_argument("--block-sizes", type=int, nargs="*", default=[128, 64], help="flex block sizes to try")
     parser.add_argument("--flex", action="store_true", help="on CPU also time the compiled flex forward")
     parser.add_argument("--repeat", type=int, default=3, help="timed repetitions (median; 1 beyond 8,192 tokens)")
+    parser.add_argument("--memory", action="store_true", help="time and peak memory, one subprocess per case (CPU)")
+    parser.add_argument("--other-src", help="with --memory: a checkout's src/ whose bar chunks to compare")
+    parser.add_argument("--causal-dropout-limit", type=int, default=8192,
+                        help="with --memory: longest causal SDPA case with dropout (its math path is T x T)")
+    parser.add_argument("--case", choices=MEMORY_METHODS, help=argparse.SUPPRESS)  # the subprocess of --memory
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dropout", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.length, args.dropout, args.repeat)))
+        return
+    if args.memory:
+        memory_table(args)
+        return
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     on_cuda = device == "cuda"
     lengths = args.lengths or ([15_360, 32_768, 100_000] if on_cuda else [4_096, 16_384, 32_768])

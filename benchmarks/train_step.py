@@ -10,7 +10,8 @@ any song. ``--pattern full`` is plain causal attention over the same tokens.
 
 MFU is model FLOPs (6 x matmul parameters x tokens, plus 12 x d_model x the query-key pairs the
 pattern reads per layer) over time, against this machine's measured fp32 matmul peak (``machine.py``);
-the summary stream's extra work is not counted as useful.
+the summary stream's extra work is not counted as useful. ``peak_rss_mb`` is the process's
+resident-set high-water mark (run one setting per process to compare them).
 
     python benchmarks/train_step.py --data DATA_DIR [--preset small] [--max-len 2048] [--batch-tokens 8192]
         [--window 8192] [--pattern fc|full] [--attention-dropout 0.1] [--backend auto] [--label NAME]
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -119,6 +121,8 @@ def run(corpus: Corpus, args, batch_tokens: int, peak: float) -> dict:
         "window": args.window, "batch_tokens": batch_tokens, "steps": args.steps,
         "tokens_per_s": sum(tokens) / sum(times), "s_per_step": float(np.median(times)),
         "mean_tokens_per_step": float(np.mean(tokens)), "mfu": sum(flops) / sum(times) / (peak * 1e9),
+        # the whole process (corpus, model, optimizer, every step), so one setting per process compares
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
@@ -149,7 +153,7 @@ def main() -> None:
         r = run(corpus, args, bt, peak)
         print(f"| {r['label']} | {r['pattern']} | {r['backend']} | {r['precision']} | {r['attention_dropout']} | "
               f"{r['window'] or r['max_len']} | {bt} | {r['tokens_per_s']:,.0f} | {r['s_per_step']:.2f} | "
-              f"{r['mfu']:.1%} |", flush=True)
+              f"{r['mfu']:.1%} | {r['peak_rss_mb']:,.0f} |", flush=True)
         print(json.dumps(r), flush=True)
 
 

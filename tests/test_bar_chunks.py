@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from museformer.attention import DenseBackend, FCAttention
-from museformer.bar_chunks import BarChunkBackend, build_chunks
+from museformer.bar_chunks import BarChunkBackend, aggregate, build_chunks
 from museformer.structure import AttentionPattern, SlotKind, bar_layout
 from museformer.vocab import BOS_ID, PAD_ID, Vocab
 
@@ -119,15 +119,107 @@ def test_bf16_within_bf16_tolerance():
     torch.testing.assert_close(out.float(), reference, atol=0.02, rtol=0.02)
 
 
+def test_bf16_backward_within_bf16_tolerance():
+    """In bfloat16 the recomputing backward's gradients stay within bfloat16 rounding of float32 ones."""
+    gen = torch.Generator().manual_seed(6)
+    pattern, ids = PATTERNS["paper"], LAYOUTS["mixed"](gen)
+    low = [(x.detach() / 4).bfloat16() for x in random_inputs(ids, pattern, gen)]
+    state = build_chunks(bar_layout(ids, VOCAB, pattern), pattern)
+    grads = []
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, _, _, _, k2, v2 = (x.to(dtype).requires_grad_() for x in low)
+        out = aggregate(q, k2, v2, k, v, state, 0.2, seed=3)
+        (out.float() * torch.linspace(1, -1, out.numel()).view_as(out)).sum().backward()
+        grads.append([x.grad.float() for x in (q, k, v, k2, v2)])
+    for g_low, g_ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_low, g_ref, atol=0.03 * float(g_ref.abs().max()), rtol=0.03)
+
+
 def test_no_tensor_grows_with_length_squared():
-    """The per-batch state holds O(T x keys per query) + O(T x S) elements, never T x T."""
+    """The per-batch state holds O(T + chunks x keys per chunk) index elements: no mask, never T x T."""
     bars = [60] * 40  # 2,401 tokens, 40 bars
     ids = batch(song(bars))
     state = build_chunks(bar_layout(ids, VOCAB, AttentionPattern()), AttentionPattern())
     length = ids.shape[1]
     keys_read = 60 * (len(AttentionPattern().fine_offsets) + 1) + 1 + 40  # 8 fine bars + own bar + BOS + coarse
-    elements = sum(g.bias.numel() for g in state.groups)
-    assert elements <= 1.5 * length * keys_read < length * length // 2
+    elements = sum(x.numel() for g in state.groups
+                   for x in (g.query_rows, g.key_rows, g.query_count, g.key_count, g.own_start))
+    assert elements <= 1.5 * (length + 41 * keys_read) < length * length // 50
+
+
+def saved_elements(ids, pattern, backend) -> int:
+    """Elements autograd keeps for the backward of one aggregation (each storage counted once)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, _, _, _, k2, v2 = random_inputs(ids, pattern, gen)
+    state = backend.prepare(bar_layout(ids, VOCAB, pattern), pattern)
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        backend.aggregate(q, k2, v2, k, v, state, 0.1)
+    return sum(seen.values())
+
+
+def test_saved_for_backward_grows_linearly_in_length():
+    """Doubling the song (same bar length) doubles what the recomputing backward keeps; the plain-ops
+    path, whose scores include every coarse summary, keeps more and grows faster."""
+    pattern = AttentionPattern()
+    short, long = batch(song([4] * 100)), batch(song([4] * 200))  # coarse summaries dominate the keys
+    recompute = [saved_elements(ids, pattern, BarChunkBackend()) for ids in (short, long)]
+    plain = [saved_elements(ids, pattern, BarChunkBackend(recompute=False)) for ids in (short, long)]
+    length_ratio = long.shape[1] / short.shape[1]
+    assert abs(recompute[1] / recompute[0] - length_ratio) < 0.05 * length_ratio, recompute
+    assert recompute[1] <= long.shape[1] * HEADS * 6 * DIM  # q, k, v, out + k2, v2
+    assert plain[1] / plain[0] > 1.3 * length_ratio and plain[1] > 10 * recompute[1], plain
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout_name", list(LAYOUTS))
+def test_recomputed_backward_with_dropout_equals_plain_ops(layout_name, dtype):
+    """With dropout, the recomputing backward redraws the forward's masks: output and all gradients
+    equal those of the plain-ops path with the same seed (float32 1e-5 of the largest entry, float64 1e-10)."""
+    gen = torch.Generator().manual_seed(sum(map(ord, layout_name)))
+    pattern, ids = PATTERNS["paper"], LAYOUTS[layout_name](gen)
+    q, k, v, _, _, _, k2, v2 = inputs = random_inputs(ids, pattern, gen, dtype)
+    state = build_chunks(bar_layout(ids, VOCAB, pattern), pattern)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    results = []
+    for recompute in (True, False):
+        for x in inputs:
+            x.grad = None
+        out = aggregate(q, k2, v2, k, v, state, 0.3, seed=1234, recompute=recompute)
+        (out * torch.linspace(1, -1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        results.append([out.detach()] + [x.grad for x in (q, k, v, k2, v2)])
+    assert not torch.allclose(results[0][0], aggregate(q, k2, v2, k, v, state))  # the masks did drop weights
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=tol * max(1.0, float(b.abs().max())))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4])
+def test_recomputed_backward_passes_gradcheck(dropout_p):
+    """torch.autograd.gradcheck (float64, fast mode) of the recomputing aggregation, with and without dropout."""
+    gen = torch.Generator().manual_seed(2)
+    pattern, ids = PATTERNS["near"], batch(song([3, 1, 2, 2], open_last=2), song([2, 1], bos=False))
+    q, k, v, _, _, _, k2, v2 = random_inputs(ids, pattern, gen, torch.float64)
+    state = build_chunks(bar_layout(ids, VOCAB, pattern), pattern)
+    assert torch.autograd.gradcheck(lambda *x: aggregate(*x, state, dropout_p, seed=7), (q, k2, v2, k, v),
+                                    fast_mode=True)
+
+
+def test_dropout_seed_comes_from_the_default_generator():
+    """torch.manual_seed fixes the aggregation's dropout masks; another draw gives other masks."""
+    gen = torch.Generator().manual_seed(4)
+    pattern, ids = PATTERNS["paper"], LAYOUTS["mixed"](gen)
+    q, k, v, _, _, _, k2, v2 = random_inputs(ids, pattern, gen)
+    state = build_chunks(bar_layout(ids, VOCAB, pattern), pattern)
+    torch.manual_seed(9)
+    first, second = aggregate(q, k2, v2, k, v, state, 0.2), aggregate(q, k2, v2, k, v, state, 0.2)
+    torch.manual_seed(9)
+    again = aggregate(q, k2, v2, k, v, state, 0.2)
+    assert torch.equal(first, again) and not torch.equal(first, second)
 
 
 def one_hot_values(ids, pattern, gen):

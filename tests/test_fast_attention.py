@@ -221,7 +221,7 @@ def test_flex_refuses_attention_dropout():
 
 
 def test_auto_backend_choice():
-    """'auto' uses the bar chunks on CPU (with or without gradients); flex on CUDA except for dropout."""
+    """'auto' uses the bar chunks (recomputing backward) on CPU, with or without gradients; flex on CUDA except for dropout."""
     from museformer.attention import AutoBackend, DenseBackend
     from museformer.bar_chunks import BarChunks
 
@@ -230,6 +230,7 @@ def test_auto_backend_choice():
     assert isinstance(backend.prepare(long, pattern).state, BarChunks)  # grad enabled
     with torch.no_grad():
         assert isinstance(backend.prepare(long, pattern).state, BarChunks)
+    assert backend.choose(on_cuda=False, grad=True).recompute  # the linear-memory (recomputing) backward
     # on CUDA: flex, except for training with attention dropout, which flex does not have
     assert isinstance(backend.choose(on_cuda=True, grad=True), fc_blocks.FlexBackend)
     assert isinstance(AutoBackend(attention_dropout=0.1).choose(on_cuda=True, grad=True), DenseBackend)

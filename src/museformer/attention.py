@@ -32,7 +32,8 @@ full forward is chosen by one config string, ``attention_backend``; ``BACKENDS``
   boundaries + a segment softmax for summaries). Exact; no attention dropout; no CPU backward.
 - ``"chunks"``: the bar-chunk path of ``bar_chunks.py`` (each bar's queries read their keys as
   whole bars, batched by length; coarse summaries in the same softmax). Exact, attention dropout,
-  CPU and GPU backward, memory linear in length.
+  CPU and GPU backward, memory linear in length (the backward recomputes the weights);
+  ``"chunks-plain"``: the same through plain ops (autograd keeps O(T x keys per query)).
 - ``"auto"``: ``"chunks"`` on CPU; ``"flex"`` on CUDA, ``"dense"`` there when training needs
   attention dropout.
 
@@ -54,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from museformer.bar_chunks import BarChunkBackend, BarChunks
+from museformer.bar_chunks import BarChunkBackend, BarChunks, PlainBarChunkBackend
 from museformer.fc_blocks import FlexBackend
 from museformer.structure import (
     AttentionPattern,
@@ -207,7 +208,8 @@ class AutoBackend:
         return state.backend.aggregate(q_r, k2, v2, k_r, v_r, state.state, dropout_p)
 
 
-BACKENDS = {"dense": DenseBackend, "flex": FlexBackend, "chunks": BarChunkBackend, "auto": AutoBackend}
+BACKENDS = {"dense": DenseBackend, "flex": FlexBackend, "chunks": BarChunkBackend, "chunks-plain": PlainBarChunkBackend,
+            "auto": AutoBackend}
 
 
 def get_backend(name: str, attention_dropout: float = 0.0):
