@@ -1,12 +1,25 @@
 """Shared test fixtures."""
 
+import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def benchmark_module(name: str):
+    """Yield ``benchmarks/NAME.py`` imported as a module (for the benchmark scripts' tests), then forget it."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
 
 
 def prepared_copies(root: Path, tokenizer) -> Path:

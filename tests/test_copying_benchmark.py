@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import benchmark_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,12 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def copying():
     """The benchmark script, imported as a module."""
-    spec = importlib.util.spec_from_file_location("copying_benchmark", REPO / "benchmarks" / "copying.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from benchmark_module("copying")
 
 
 def test_aa_songs_repeat_their_first_strain_exactly(copying, lmd6_copies):

@@ -2,32 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import benchmark_module
 
-from museformer.structure import AttentionPattern, dense_masks, bar_layout, toy_song
+from museformer.structure import AttentionPattern, bar_layout, dense_masks, toy_song
 from museformer.vocab import Vocab
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench_module():
     """The benchmark script, imported as a module."""
-    spec = importlib.util.spec_from_file_location("structure_benchmark", REPO / "benchmarks" / "structure.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield from benchmark_module("structure")
 
 
 @pytest.fixture(scope="module")
