@@ -302,6 +302,8 @@ def test_repeat_bar_nll_splits_the_corpus_nll(prepared, tmp_path):
     split = repeat_bar_nll(model, corpus, 160, (1,), 400, cpu)
     assert split["repeat"][1]["tokens"] == expected > 0
     assert split["repeat"][1]["tokens"] + split["other"]["tokens"] == count
+    assert split["all"]["tokens"] == count
+    assert split["all"]["mean_nll"] == pytest.approx(total / count, rel=1e-5)
     parts = sum(e["mean_nll"] * e["tokens"] for e in (split["repeat"][1], split["other"]))
     assert parts == pytest.approx(total, rel=1e-5)
 

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from museformer.data import corpus_batch, evaluation_batches, input_lengths, open_split
 from museformer.errors import MuseformerError, ParameterError
@@ -52,14 +51,26 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def batch_nll(model, batch: dict[str, torch.Tensor], device: torch.device, precision: str = "fp32"
-              ) -> tuple[torch.Tensor, int]:
-    """Summed next-token NLL (nats, float32) over the non-padding targets of a batch, and their count."""
+def _logits(model, batch: dict[str, torch.Tensor], device: torch.device, precision: str
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's logits ``(B, T, V)`` on a collated batch (moved to ``device``) and its targets ``(B, T)``."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with autocast(device, precision):
         logits = model(batch["input_ids"], bar_ids=batch["bar_ids"], onset_ids=batch["onset_ids"])  # (B, T, V)
-    targets = batch["target_ids"]
+    return logits, batch["target_ids"]
+
+
+def batch_nll(model, batch: dict[str, torch.Tensor], device: torch.device, precision: str = "fp32"
+              ) -> tuple[torch.Tensor, int]:
+    """Summed next-token NLL (nats, float32) over the non-padding targets of a batch, and their count."""
+    logits, targets = _logits(model, batch, device, precision)
     return lm_loss(logits, targets, reduction="sum"), int((targets != PAD_ID).sum())
+
+
+def token_nll(model, batch: dict[str, torch.Tensor], device: torch.device, precision: str = "fp32") -> torch.Tensor:
+    """Next-token NLL (nats, float32) of every target of a collated batch, 0 at padding: ``(B, T)``."""
+    logits, targets = _logits(model, batch, device, precision)
+    return lm_loss(logits, targets, reduction="none").view(targets.shape)
 
 
 @torch.no_grad()
@@ -122,17 +133,18 @@ def repeated_bars(input_ids: np.ndarray, bar_ids: np.ndarray, interval: int) -> 
 
 @torch.no_grad()
 def repeat_bar_nll(model, corpus, max_len: int, intervals, batch_tokens: int, device: torch.device,
-                   songs: np.ndarray | None = None) -> dict[str, Any]:
+                   songs: np.ndarray | None = None, on_batch=None) -> dict[str, Any]:
     """Mean NLL of the targets in bars that repeat an earlier bar exactly, and of all other targets.
 
     A model that copies a strain through its fine attention predicts a repeated bar almost surely
     (NLL near 0); one that does not scores it like any other bar. Each interval ``k`` gets the
     targets of bars equal to bar ``b - k`` (``repeated_bars``); ``"other"`` gets the targets of bars
-    that repeat at none of the intervals. With no intervals, ``"other"`` is every target, so its mean
-    equals ``corpus_nll``'s.
+    that repeat at none of the intervals; ``"all"`` gets every target, so its mean equals
+    ``corpus_nll``'s (``evaluate_perplexity`` takes that length's perplexity from it: one pass).
+    ``on_batch(n_songs)`` is called after each batch (a progress hook).
 
     Returns:
-        ``{"max_len", "repeat": {k: {"tokens", "mean_nll"}}, "other": {"tokens", "mean_nll"}}``.
+        ``{"max_len", "repeat": {k: {"tokens", "mean_nll"}}, "other": {...}, "all": {...}}``.
     """
     intervals = [int(k) for k in intervals]
     for k in intervals:
@@ -141,13 +153,10 @@ def repeat_bar_nll(model, corpus, max_len: int, intervals, batch_tokens: int, de
     songs = np.arange(len(corpus)) if songs is None else songs
     lengths = input_lengths(corpus, max_len)[songs]
     sums = {k: [0.0, 0] for k in intervals}
-    other = [0.0, 0]
+    other, every = [0.0, 0], [0.0, 0]
     for picked in evaluation_batches(lengths, batch_tokens):
         batch = corpus_batch(corpus, songs[picked], max_len)
-        inputs = {k: v.to(device) for k, v in batch.items()}
-        logits = model(inputs["input_ids"], bar_ids=inputs["bar_ids"], onset_ids=inputs["onset_ids"])  # (B, T, V)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), inputs["target_ids"], reduction="none",
-                              ignore_index=PAD_ID).cpu().numpy()  # (B, T)
+        nll = token_nll(model, batch, device).cpu().numpy()  # (B, T)
         for row, length in enumerate(lengths[picked]):
             ids, bars, row_nll = batch["input_ids"][row, :length].numpy(), batch["bar_ids"][row, :length].numpy(), nll[row, :length]
             in_any = np.zeros(length, dtype=bool)
@@ -158,12 +167,17 @@ def repeat_bar_nll(model, corpus, max_len: int, intervals, batch_tokens: int, de
                 in_any |= mask
             other[0] += float(row_nll[~in_any].sum())
             other[1] += int((~in_any).sum())
+            every[0] += float(row_nll.sum())
+            every[1] += int(length)
+        if on_batch is not None:
+            on_batch(len(picked))
 
     def entry(total_count):
         total, count = total_count
         return {"tokens": count, "mean_nll": total / count if count else math.nan}
 
-    return {"max_len": int(max_len), "repeat": {k: entry(v) for k, v in sums.items()}, "other": entry(other)}
+    return {"max_len": int(max_len), "repeat": {k: entry(v) for k, v in sums.items()}, "other": entry(other),
+            "all": entry(every)}
 
 
 def evaluate_perplexity(
@@ -228,12 +242,18 @@ def evaluate_perplexity(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(corpus) * len(max_lens), unit="song", desc="perplexity", disable=not progress)
-    results = []
+    results, repeats = [], None
+    longest = max(int(L) for L in max_lens)
     try:
         for max_len in max_lens:
             bar.set_postfix(max_len=int(max_len), refresh=False)
-            total, count = corpus_nll(model, corpus, int(max_len), batch_tokens, dev, "fp32", on_batch=bar.update)
-            mean = total / count
+            if repeat_intervals and repeats is None and int(max_len) == longest:  # one pass gives both
+                repeats = repeat_bar_nll(model, corpus, longest, repeat_intervals, batch_tokens, dev,
+                                         on_batch=bar.update)
+                count, mean = repeats["all"]["tokens"], repeats["all"]["mean_nll"]
+            else:
+                total, count = corpus_nll(model, corpus, int(max_len), batch_tokens, dev, "fp32", on_batch=bar.update)
+                mean = total / count
             results.append({"max_len": int(max_len), "tokens": count, "mean_nll": mean,
                             "perplexity": math.exp(mean) if mean < 700 else math.inf,
                             "unigram_perplexity": unigram_perplexity(train_split, corpus, int(max_len))})
@@ -241,7 +261,6 @@ def evaluate_perplexity(
         bar.close()
     report = {"checkpoint": str(checkpoint_dir), "data_dir": str(data_dir), "split": split, "songs": len(corpus),
               "results": results}
-    if repeat_intervals:
-        report["repeat_bars"] = repeat_bar_nll(model, corpus, max(int(L) for L in max_lens), repeat_intervals,
-                                               batch_tokens, dev)
+    if repeats is not None:
+        report["repeat_bars"] = repeats
     return report
