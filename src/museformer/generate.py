@@ -295,6 +295,17 @@ def song_seeds(config: SampleConfig, num_songs: int) -> list[int]:
     return [base + i for i in range(num_songs)]
 
 
+def _finish_reasons(length: np.ndarray, bar: np.ndarray, config: SampleConfig,
+                    eos: np.ndarray | None = None) -> list[str | None]:
+    """Why each song ends now, by precedence: ``"eos"`` (it sampled EOS), ``"bars"`` (``max_bars``
+    reached), ``"max_tokens"``; None where it goes on. Shapes: ``(B,)`` arrays -> B reasons."""
+    by_bars = bar >= config.max_bars if config.max_bars is not None else np.zeros(len(bar), dtype=bool)
+    by_tokens = length >= config.max_tokens
+    eos = np.zeros(len(bar), dtype=bool) if eos is None else eos
+    return ["eos" if e else "bars" if b else "max_tokens" if t else None
+            for e, b, t in zip(eos.tolist(), by_bars.tolist(), by_tokens.tolist())]
+
+
 def stream(
     model,
     prompts: Sequence[Sequence[int]],
@@ -332,16 +343,8 @@ def stream(
     lengths = [len(p) for p in prompts]
     bars = [sum(1 for t in p if t == bar_id) for p in prompts]
 
-    def finished_by_rules(i: int) -> str | None:
-        if config.max_bars is not None and bars[i] >= config.max_bars:
-            return "bars"
-        if lengths[i] >= config.max_tokens:
-            return "max_tokens"
-        return None
-
     active = []
-    for i in range(len(prompts)):
-        reason = finished_by_rules(i)
+    for i, reason in enumerate(_finish_reasons(np.array(lengths), np.array(bars), config)):
         if reason is None:
             active.append(i)
         else:
@@ -385,12 +388,10 @@ def stream(
         eos = tokens == EOS_ID
         length += ~eos
         bar += tokens == bar_id
-        by_bars = np.zeros_like(eos) if max_bars is None else bar >= max_bars
-        by_tokens = length >= config.max_tokens
-        for row, (i, token) in enumerate(zip(rows.tolist(), tokens.tolist())):
-            reason = "eos" if eos[row] else "bars" if by_bars[row] else "max_tokens" if by_tokens[row] else None
+        reasons = _finish_reasons(length, bar, config, eos)
+        for i, token, reason in zip(rows.tolist(), tokens.tolist(), reasons):
             yield i, token, reason
-        done = eos | by_bars | by_tokens
+        done = np.array([r is not None for r in reasons])
         if done.any():
             keep = np.flatnonzero(~done)
             if not keep.size:
