@@ -123,6 +123,7 @@ class BarTracker:
         for kind in _INHERITS_ONSET:
             inherits |= self.kinds == kind
         self.inherits = inherits  # (V,)
+        self._step_table = self._one_token_table()  # (V, 4)
         zeros = torch.zeros(batch, dtype=torch.long, device=device)
         self.next_pos, self.closed, self.onset = zeros, zeros.clone(), zeros.clone()
         self.all_started = False  # every song has read a token (then one-token chunks take the short path)
@@ -173,7 +174,7 @@ class BarTracker:
         """``advance`` for one token per song after the first (a decoding step): the same rules
         from one lookup in a per-vocabulary table, in a third of the tensor ops.
         Shapes: token ``(B,)`` -> three ``(B, 1)``."""
-        real, sets, inherits, keeps = self._step_table()[token].unbind(1)  # (B,) each
+        real, sets, inherits, keeps = self._step_table[token].unbind(1)  # (B,) each
         in_force = torch.where(sets > 0, sets, self.onset)  # PAD sets nothing: its onset is carried
         onsets = in_force * inherits  # PAD inherits nothing
         bars = (self.closed + 1) * real
@@ -183,21 +184,18 @@ class BarTracker:
         self.next_pos = self.next_pos + real
         return bars[:, None], onsets[:, None], positions[:, None]
 
-    def _step_table(self) -> torch.Tensor:
+    def _one_token_table(self) -> torch.Tensor:
         """``(V, 4)`` int64 per token id: is it real (not PAD), the onset id it sets (``o-k``:
         k + 1, else 0), does it inherit the onset in force, does it keep the onset (0 for ``b-1``)."""
-        table = self.__dict__.get("_table")
-        if table is None:
-            real = torch.ones_like(self.kinds)
-            real[PAD_ID] = 0
-            sets = torch.where(self.kinds == TokenKind.ONSET, self.values + 1, 0)
-            keeps = (self.kinds != TokenKind.BAR).long()
-            keeps[PAD_ID] = 1
-            inherits = self.inherits.long()
-            inherits[PAD_ID] = 0
-            sets[PAD_ID] = 0
-            table = self.__dict__["_table"] = torch.stack([real, sets, inherits, keeps], dim=1)
-        return table
+        real = torch.ones_like(self.kinds)
+        real[PAD_ID] = 0
+        sets = torch.where(self.kinds == TokenKind.ONSET, self.values + 1, 0)
+        sets[PAD_ID] = 0
+        inherits = self.inherits.long()
+        inherits[PAD_ID] = 0
+        keeps = (self.kinds != TokenKind.BAR).long()
+        keeps[PAD_ID] = 1
+        return torch.stack([real, sets, inherits, keeps], dim=1)
 
 
 # =============================================================================================
