@@ -29,14 +29,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from museformer.checkpoint import load
 from museformer.data import open_split
-from museformer.evaluate import repeat_bar_nll
+from museformer.evaluate import repeat_bar_nll, token_nll
 from museformer.model import Museformer, MuseformerConfig, lm_loss
 from museformer.structure import AttentionPattern, bar_ids, onset_ids
 from museformer.vocab import BOS_ID, EOS_ID, PAD_ID
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe, header
 
 PATTERNS = {
     "fc": AttentionPattern(),
@@ -44,16 +46,6 @@ PATTERNS = {
     "full": AttentionPattern.full(),
     "fine-only": AttentionPattern((1, 2, 4, 8, 12, 16, 24, 32), 0),
 }
-
-
-def machine() -> dict:
-    """The benchmark machine's facts (benchmarks/machine.py)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from machine import describe, header
-
-    info = describe()
-    print(header(info), flush=True)
-    return info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,8 +104,8 @@ def aa_batch(rng: np.random.Generator, bars: list[np.ndarray], songs: int, strai
 def strain_nll(model, vocab, inputs: torch.Tensor, targets: torch.Tensor, strain: int) -> tuple[float, float]:
     """Mean NLL of the targets in the first strain and in the repeated one."""
     bars = bar_ids(inputs, vocab)
-    logits = model(inputs, bar_ids=bars, onset_ids=onset_ids(inputs, vocab))
-    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none", ignore_index=PAD_ID)
+    batch = {"input_ids": inputs, "target_ids": targets, "bar_ids": bars, "onset_ids": onset_ids(inputs, vocab)}
+    nll = token_nll(model, batch, inputs.device)  # (B, T)
     target_bar = torch.cat([bars[:, 1:], bars[:, -1:]], 1)  # target t is input t + 1
     real = targets != PAD_ID
     first = real & (target_bar >= 1) & (target_bar <= strain)
@@ -179,7 +171,8 @@ def main() -> None:
     s.add_argument("-o", "--output")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    report = {"machine": machine(), "command": " ".join(sys.argv)}
+    report = {"machine": describe(), "command": " ".join(sys.argv)}
+    print(header(report["machine"]), flush=True)
     if args.command == "checkpoints":
         report["results"] = score_checkpoints(args.data, args.checkpoints, args.repeats, args.split, args.songs,
                                               args.max_len)
