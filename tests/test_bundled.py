@@ -89,3 +89,22 @@ def test_broken_sample_defaults_are_named(fake_pretrained, tmp_path) -> None:
     with pytest.raises(MuseformerError, match="sample.json"):
         bundled.sample_defaults(tmp_path)
     assert bundled.sample_defaults(fake_pretrained / "chorales") == {}
+
+
+def test_recommended_sampling_options_apply_one_by_one(tmp_path) -> None:
+    """A sample.json's top_k / temperature apply unless the caller chose that very option; lengths go
+    together (choosing --max-tokens drops the recommended --bars)."""
+    from museformer.cli import build_parser, chosen_sample_options, sample_config_from_args
+    from museformer.generate import with_model_defaults
+
+    (tmp_path / SAMPLE_DEFAULTS_FILE).write_text(json.dumps({"max_bars": 64, "top_k": 0, "temperature": 1.1}))
+    parser = build_parser()
+
+    def config(*flags):  # what `museformer generate FLAGS` decodes with (the CLI's own path)
+        args = parser.parse_args(["generate", *flags])
+        return with_model_defaults(sample_config_from_args(args), tmp_path, chosen_sample_options(args))
+
+    plain = config()
+    assert (plain.max_bars, plain.top_k, plain.temperature) == (64, 0, 1.1)
+    chosen = config("--top-k", "8", "--max-tokens", "500")
+    assert (chosen.max_bars, chosen.max_tokens, chosen.top_k, chosen.temperature) == (None, 500, 8, 1.1)

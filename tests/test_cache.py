@@ -26,21 +26,22 @@ def _model(pattern: AttentionPattern, seed: int = 0) -> Museformer:
     return model
 
 
-def _decode_and_compare(model, songs, prompt_lengths, capacity, check_prefix_every=0, **options):
+def _decode_and_compare(model, songs, prompt_lengths, capacity, check_prefix_every=0, tolerance=1e-5, **options):
     """Teacher-force ``songs`` through a Decoder (batched, songs leave when done); compare to forward."""
+    close = dict(rtol=tolerance, atol=tolerance)
     full = [model(s[None])[0] for s in songs]  # (T, V) each; the model is causal
     dec = Decoder(model, capacity=capacity, **options)
     logits = dec.prefill([s[:p] for s, p in zip(songs, prompt_lengths)])
     for i, p in enumerate(prompt_lengths):
-        torch.testing.assert_close(logits[i], full[i][p - 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[i], full[i][p - 1], **close)
     pos, active, steps, capacities = list(prompt_lengths), list(range(len(songs))), 0, set()
     while active:
         logits = dec.step(torch.stack([songs[i][pos[i]] for i in active]))
         for row, i in enumerate(active):
-            torch.testing.assert_close(logits[row], full[i][pos[i]], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logits[row], full[i][pos[i]], **close)
             if check_prefix_every and pos[i] % check_prefix_every == 0:
                 prefix = model(songs[i][None, : pos[i] + 1])[0, -1]  # a full forward of this very prefix
-                torch.testing.assert_close(logits[row], prefix, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(logits[row], prefix, **close)
             pos[i] += 1
         steps += 1
         keep = [row for row, i in enumerate(active) if pos[i] < len(songs[i])]
@@ -79,6 +80,26 @@ def test_exact_other_patterns(pattern):
     model = _model(pattern)
     songs = [toy_song(12, VOCAB, seed=5, max_notes=2), toy_song(7, VOCAB, seed=6)]
     _decode_and_compare(model, songs, [3, 1], capacity=16)
+
+
+@pytest.mark.parametrize(
+    "pattern", [AttentionPattern(fine_offsets=(1, 2, 4)), AttentionPattern(fine_offsets=(1, 2), summary_tokens=0),
+                AttentionPattern.full()], ids=["fc", "fine-only", "full"]
+)
+def test_bf16_cached_decoding_equals_the_bf16_forward(pattern):
+    """A bf16 model decodes with a bf16 cache (weights, activations, masks) and its cached logits equal
+    its own full forward's within bf16 rounding, across eviction and a batch of different prompts;
+    both stay near the float32 model."""
+    model = _model(pattern)
+    songs = [toy_song(n, VOCAB, seed=n, max_notes=2) for n in (30, 14)]
+    with torch.no_grad():
+        fp32 = [model(s[None])[0] for s in songs]
+    bf16 = model.to(torch.bfloat16)
+    dec, _, _ = _decode_and_compare(bf16, songs, [1, 9], capacity=24, tolerance=3e-2)
+    assert dec.cache.joint_keys.dtype == torch.bfloat16
+    with torch.no_grad():
+        for s, reference in zip(songs, fp32):
+            torch.testing.assert_close(bf16(s[None])[0].float(), reference, rtol=0, atol=0.15)
 
 
 def test_prefill_with_incomplete_last_bar_and_padding_tensor():

@@ -452,3 +452,39 @@ def test_progress_bar_counts_bars_and_is_off_when_quiet(checkpoint, tmp_path, mo
     assert bar.n == 4 and bar.postfix == "2/2 songs" and bar.closed
     generate_to_folder(tmp_path / "b", checkpoint, num_songs=1, config=SampleConfig(seed=1, max_bars=1))
     assert len(bars) == 1
+
+
+# -- precision -------------------------------------------------------------------------------
+def test_bf16_generation_leaves_the_callers_model_alone(model):
+    """``precision="bf16"`` decodes a bf16 copy: the caller's float32 model is untouched, songs are
+    whole and decodable, and the same seed gives the same bf16 song again."""
+    songs = _gen(model, num_songs=2, seed=3, max_bars=3, precision="bf16")
+    assert next(model.parameters()).dtype == torch.float32
+    assert [s.bars for s in songs] == [3, 3] and all(s.skipped == 0 for s in songs)
+    again = _gen(model, num_songs=1, seed=3, max_bars=3, precision="bf16")
+    assert again[0].ids == songs[0].ids
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    """``auto`` follows the hardware: AMX or AVX512-BF16 -> bf16, an AVX2-only CPU -> fp32; a wrong
+    name is one error naming --precision."""
+    from museformer.generate import decoding_precision
+
+    for amx, avx512_bf16, expected in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        assert decoding_precision("auto", "cpu") == expected
+    assert decoding_precision("fp32", "cpu") == "fp32" and decoding_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(MuseformerError, match="--precision must be one of auto, bf16, fp32, got 'fp16'"):
+        decoding_precision("fp16", "cpu")
+
+
+def test_cli_precision_is_recorded_in_the_sidecar(checkpoint, tmp_path, capsys):
+    """`generate --precision bf16` writes songs whose sidecar says bf16; a bad name is refused."""
+    out = tmp_path / "songs"
+    assert main(["generate", "--checkpoint", str(checkpoint), "--bars", "2", "--seed", "1",
+                 "--precision", "bf16", "-o", str(out), "--quiet"]) == 0
+    assert json.loads((out / "song_000.json").read_text())["precision"] == "bf16"
+    with pytest.raises(SystemExit):
+        main(["generate", "--checkpoint", str(checkpoint), "--precision", "fp16", "-o", str(out)])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err

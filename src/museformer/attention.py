@@ -263,9 +263,9 @@ class CachedStepMasks:
         return dataclasses.replace(self, regular=self.regular_row[..., :width])
 
 
-def _bias(heads: int, *allowed: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Additive masks ``(B * H, Q, K_i)`` from bool masks ``(B, Q, K_i)`` that together form each
-    query's row, and the ``(B, 1, Q, 1)`` rows that may read nothing (None when there are none)."""
+def _bias(heads: int, dtype: torch.dtype, *allowed: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Additive masks ``(B * H, Q, K_i)`` of ``dtype`` from bool masks ``(B, Q, K_i)`` that together
+    form each query's row, and the ``(B, 1, Q, 1)`` rows that may read nothing (None when there are none)."""
     empty = ~torch.stack([a.any(dim=-1) for a in allowed]).any(dim=0)[..., None]  # (B, Q, 1)
     has_empty = bool(empty.any())
     biases = []
@@ -273,13 +273,14 @@ def _bias(heads: int, *allowed: torch.Tensor) -> tuple[list[torch.Tensor], torch
         if has_empty:
             a = a | empty
         B, Q, K = a.shape
-        bias = torch.zeros((B, heads, Q, K), dtype=torch.float32, device=a.device)
+        bias = torch.zeros((B, heads, Q, K), dtype=dtype, device=a.device)
         biases.append(bias.masked_fill_(~a[:, None], float("-inf")).view(B * heads, Q, K))
     return biases, (empty[:, None] if has_empty else None)
 
 
 def cached_step_masks(query, summary_query, slots, pattern: AttentionPattern, heads: int,
-                      capacity: int = 0, summary_songs: torch.Tensor | None = None) -> CachedStepMasks:
+                      capacity: int = 0, summary_songs: torch.Tensor | None = None,
+                      dtype: torch.dtype = torch.float32) -> CachedStepMasks:
     """The mask rows of one cached forward, all from ``may_attend``.
 
     Args:
@@ -289,13 +290,14 @@ def cached_step_masks(query, summary_query, slots, pattern: AttentionPattern, he
         heads: H, attention heads (the masks have one row per song and head).
         capacity: W, the width of the cache's joint buffer (the width of ``regular_row``; 0 = Cs + N).
         summary_songs: ``(R,)`` the songs of the summary rows (None: all B songs).
+        dtype: of the additive masks: the dtype of the scores they are added to (the cache's).
     """
     def rows(q, k):  # (B, Q) x (B, K) -> (B, Q, K)
         return may_attend(*(x[..., None] for x in q), *(x[:, None, :] for x in k), pattern)
 
-    (to_slots,), empty = _bias(heads, rows(query, slots))
+    (to_slots,), empty = _bias(heads, dtype, rows(query, slots))
     BH, Tq, n = to_slots.shape
-    row = torch.full((BH, Tq, max(capacity, n)), float("-inf"), device=to_slots.device)
+    row = torch.full((BH, Tq, max(capacity, n)), float("-inf"), dtype=dtype, device=to_slots.device)
     row[..., :n] = to_slots
     if summary_query is None:
         return CachedStepMasks(row[..., :n], empty, None, None, None, row)
@@ -303,7 +305,7 @@ def cached_step_masks(query, summary_query, slots, pattern: AttentionPattern, he
     # a new summary reads its own fresh key (summary_to_summary), never a summary slot: its own
     # slot gets its key2 only after this step's summarisation
     regular_slots = (song_slots[0] != int(SlotKind.SUMMARY))[:, None, :]  # (R, 1, Cs + N)
-    (s_to_s, s_to_r), s_empty = _bias(heads, rows(summary_query, summary_query),
+    (s_to_s, s_to_r), s_empty = _bias(heads, dtype, rows(summary_query, summary_query),
                                       rows(summary_query, song_slots) & regular_slots)
     return CachedStepMasks(row[..., :n], empty, s_to_s, s_to_r, s_empty, row, summary_songs)
 

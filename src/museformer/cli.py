@@ -574,11 +574,13 @@ def add_generate(sub) -> None:
                    "unused with --bars)")
     p.add_argument("--prompt", metavar="MIDI", help="a MIDI file to continue")
     p.add_argument("--prompt-bars", type=int, metavar="N", help="use only the first N bars of the prompt")
-    p.add_argument("--top-k", type=int, default=d.top_k, metavar="K",
-                   help=f"sample from the K most likely tokens (default {d.top_k}, as the paper; 0 = off)")
-    p.add_argument("--top-p", type=float, default=d.top_p, metavar="P", help=f"nucleus sampling (default {d.top_p} = off)")
-    p.add_argument("--temperature", type=float, default=d.temperature, metavar="T",
-                   help=f"softmax temperature; 0 = greedy (default {d.temperature})")
+    p.add_argument("--top-k", type=int, metavar="K",
+                   help=f"sample from the K most likely tokens (default: the model's recommendation, else {d.top_k}, "
+                   "as the paper; 0 = off)")
+    p.add_argument("--top-p", type=float, metavar="P",
+                   help=f"nucleus sampling (default: the model's recommendation, else {d.top_p} = off)")
+    p.add_argument("--temperature", type=float, metavar="T",
+                   help=f"softmax temperature; 0 = greedy (default: the model's recommendation, else {d.temperature})")
     p.add_argument("--seed", type=int, default=d.seed, metavar="S",
                    help="random seed; song i uses S + i (default: random, recorded)")
     p.add_argument("--instruments", type=_program_list, metavar="P[,P...]",
@@ -595,6 +597,9 @@ def add_generate(sub) -> None:
     p.add_argument("--render", action="store_true", help="also write a piano-roll PNG and a WAV per song")
     p.add_argument("--soundfont", metavar="SF2", help="General MIDI soundfont for --render")
     add_device(p)
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16: weights, activations and cache in bfloat16; auto (default): bf16 where the hardware "
+                   "computes it natively (CUDA, CPUs with AMX or AVX512-BF16), else fp32 (docs/generation.md)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for PyTorch (default: PyTorch's choice; 1 is often fastest on a busy machine)")
     add_quiet(p)
@@ -619,12 +624,22 @@ def sample_config_from_args(args: argparse.Namespace):
 
     d = SampleConfig()
     return SampleConfig(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        temperature=d.temperature if args.temperature is None else args.temperature,
+        top_k=d.top_k if args.top_k is None else args.top_k, top_p=d.top_p if args.top_p is None else args.top_p,
+        seed=args.seed,
         max_tokens=d.max_tokens if args.max_tokens is None else args.max_tokens, max_bars=args.bars,
         min_tokens=d.min_tokens if args.min_tokens is None else args.min_tokens,
         grammar=not args.no_grammar, instruments=args.instruments, tempo=args.tempo,
         tempo_changes=args.tempo_changes,
     )
+
+
+def chosen_sample_options(args: argparse.Namespace) -> list[str]:
+    """The ``SampleConfig`` fields whose ``generate`` flag was given (the rest may come from the
+    model's ``sample.json``: ``generate.with_model_defaults``)."""
+    flags = (("max_bars", args.bars), ("max_tokens", args.max_tokens), ("min_tokens", args.min_tokens),
+             ("top_k", args.top_k), ("temperature", args.temperature), ("top_p", args.top_p))
+    return [name for name, value in flags if value is not None]
 
 
 def _generate(args) -> int:
@@ -636,13 +651,12 @@ def _generate(args) -> int:
 
     check_output(args.output, "dir")
     directory = resolve_checkpoint(args.checkpoint) if args.checkpoint else bundled_checkpoint(args.model)
-    given = [name for name, flag in (("max_bars", args.bars), ("max_tokens", args.max_tokens),
-                                     ("min_tokens", args.min_tokens)) if flag is not None]
+    config = with_model_defaults(sample_config_from_args(args), directory, chosen_sample_options(args))
     generate_to_folder(
         args.output, directory, num_songs=args.num, prompt=args.prompt, prompt_bars=args.prompt_bars,
-        config=with_model_defaults(sample_config_from_args(args), directory, given), batch_size=args.batch_size, device=str(resolve_device(args.device)),
+        config=config, batch_size=args.batch_size, device=str(resolve_device(args.device)),
         render=args.render, soundfont=args.soundfont, threads=args.threads, log=print, progress=not args.quiet,
-        form=args.form, form_file=args.form_file, candidates=args.candidates,
+        form=args.form, form_file=args.form_file, candidates=args.candidates, precision=args.precision,
     )
     return 0
 

@@ -456,6 +456,40 @@ def _as_model(model, tokenizer, checkpoint, device):
     return model, tokenizer, directory
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def decoding_precision(precision: str, device: str | torch.device) -> str:
+    """``"bf16"`` or ``"fp32"``: what ``precision`` means for decoding on ``device``.
+
+    ``"auto"`` is bf16 where the hardware computes it natively (CUDA; CPUs with AMX or AVX512-BF16:
+    ``evaluate.uses_bf16``), else fp32: on an AVX2-only CPU bf16 products are emulated and slower.
+
+    Raises:
+        MuseformerError: ``precision`` is not one of ``PRECISIONS``.
+    """
+    from museformer.evaluate import uses_bf16
+
+    if precision not in PRECISIONS:
+        raise MuseformerError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return "bf16" if uses_bf16(torch.device(device), precision) else "fp32"
+
+
+def decoding_model(model, precision: str, *, owned: bool):
+    """The model that decodes at ``precision`` (``"bf16"`` or ``"fp32"``, see ``decoding_precision``).
+
+    bf16 casts the weights, so activations and the cache (``FCCache`` takes the weights' dtype) are
+    bf16 too; the sampler reads float32 logits. A model the caller still holds (``owned=False``) is
+    copied, never cast in place.
+    """
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if next(model.parameters()).dtype == dtype:
+        return model
+    import copy
+
+    return (model if owned else copy.deepcopy(model)).to(dtype)
+
+
 def bundled_checkpoint(name: str | None = None) -> Path:
     """The bundled model ``name`` (None = the default; ``museformer.bundled``)."""
     from museformer import bundled
@@ -463,14 +497,20 @@ def bundled_checkpoint(name: str | None = None) -> Path:
     return bundled.bundled_checkpoint(name)
 
 
+LENGTH_OPTIONS = ("max_bars", "max_tokens", "min_tokens")
+
+
 def with_model_defaults(config: SampleConfig, directory: Path | None, given: Sequence[str] = ()) -> SampleConfig:
-    """``config`` with the length defaults a checkpoint recommends (its ``sample.json``), unless
-    the caller chose a length itself (any of ``max_bars``, ``max_tokens``, ``min_tokens`` in ``given``)."""
+    """``config`` with the defaults a checkpoint recommends (its ``sample.json``) for the options
+    the caller did not choose (``given``). The length options go together: a caller who chose any
+    of ``LENGTH_OPTIONS`` gets none of the recommended lengths; a sampling option (``top_k``,
+    ``temperature``, ``top_p``) is kept from the checkpoint unless the caller chose that one."""
     from museformer.bundled import sample_defaults
 
-    if directory is None or set(given) & {"max_bars", "max_tokens", "min_tokens"}:
+    if directory is None:
         return config
-    defaults = sample_defaults(directory)
+    given = set(given) | (set(LENGTH_OPTIONS) if set(given) & set(LENGTH_OPTIONS) else set())
+    defaults = {k: v for k, v in sample_defaults(directory).items() if k not in given}
     return dataclasses.replace(config, **defaults) if defaults else config
 
 
@@ -488,6 +528,7 @@ def generate(
     progress=None,
     form=None,
     candidates: int = 8,
+    precision: str = "fp32",
     **options: Any,
 ) -> list[Song]:
     """Generate songs with a checkpoint (default: the bundled model) or a given model.
@@ -511,6 +552,8 @@ def generate(
             JSON dict or a ``FormPlan``; songs then have the plan's bars (``max_bars``, if given,
             must agree) and are decoded bar by bar, ``candidates`` candidate bars per planned bar.
         candidates: K, candidate bars per planned bar with ``form`` (unused without it).
+        precision: ``"fp32"``, ``"bf16"`` (weights, activations and cache in bfloat16) or
+            ``"auto"`` (bf16 where the hardware computes it natively; ``decoding_precision``).
 
     Returns:
         the songs, in order; each has its ids, seed, finish reason and decoded score.
@@ -519,7 +562,7 @@ def generate(
         MuseformerError: a bad option, or a prompt that leaves nothing to generate (it already has
             ``max_bars`` bars or ``max_tokens`` tokens).
     """
-    given = list(options) if config is None else ["max_bars", "max_tokens", "min_tokens"]
+    given = list(options) if config is None else [f.name for f in dataclasses.fields(SampleConfig)]
     config = dataclasses.replace(config or SampleConfig(), **options) if options else (config or SampleConfig())
     plan = None
     if form is not None:  # bar-by-bar decoding to a plan: museformer.form
@@ -529,7 +572,10 @@ def generate(
         config = plan_bars(plan, config)
     check_run_options(config, num_songs=num_songs, batch_size=batch_size, prompt_bars=prompt_bars)
     batch_size = num_songs if batch_size is None else batch_size
+    precision = decoding_precision(precision, device)
+    given_model = model is not None and not isinstance(model, str)
     model, tokenizer, directory = _as_model(model, tokenizer, checkpoint, device)
+    model = decoding_model(model, precision, owned=not given_model)
     config = with_model_defaults(config, directory, given)
     check_run_options(config, num_songs=num_songs, batch_size=batch_size, prompt_bars=prompt_bars)
     model.eval()

@@ -189,8 +189,9 @@ class Embeddings(nn.Module):
         if not torch.is_grad_enabled() and not self.training and ids.numel() <= 256:
             token_rows, bar_rows, onset_rows = self._tables(int(bars.max()), int(onsets.max()))
             return token_rows[ids] + bar_rows[bars] + onset_rows[onsets]  # (B, T, D)
+        token = self.token(ids) * math.sqrt(self.d_model)  # (B, T, D)
         x = torch.cat(
-            [self.token(ids) * math.sqrt(self.d_model), sinusoid(bars, self.bar_dim), sinusoid(onsets, self.onset_dim)],
+            [token, sinusoid(bars, self.bar_dim).to(token.dtype), sinusoid(onsets, self.onset_dim).to(token.dtype)],
             dim=-1,
         )  # (B, T, D + bar_dim + onset_dim)
         return self.dropout(self.regular_proj(x))
@@ -219,7 +220,7 @@ class Embeddings(nn.Module):
     def summaries(self, bars: torch.Tensor) -> torch.Tensor:
         """Shapes: bar index of each summary slot ``(B, S)`` (0 = padding) -> ``(B, S, D)``."""
         token = self.summary.weight[0] * math.sqrt(self.d_model)  # (D,)  one summary token per bar
-        x = torch.cat([token.expand(*bars.shape, -1), sinusoid(bars, self.bar_dim)], dim=-1)  # (B, S, D + bar_dim)
+        x = torch.cat([token.expand(*bars.shape, -1), sinusoid(bars, self.bar_dim).to(token.dtype)], dim=-1)  # (B, S, D + bar_dim)
         return self.dropout(self.summary_proj(x))
 
 
@@ -382,7 +383,8 @@ class Museformer(nn.Module):
                     state = cache.masks.extended(step.new_slots, step.width)
                 else:
                     state = cached_step_masks(step.query, step.summary_query, step.slots, pattern,
-                                              self.config.n_heads, cache.joint_capacity, step.summary_songs)
+                                              self.config.n_heads, cache.joint_capacity, step.summary_songs,
+                                              cache.dtype)
                 cache.masks = state
                 backend = CACHED_STEP
 

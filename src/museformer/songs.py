@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from museformer.errors import MuseformerError, ParameterError
-from museformer.generate import SampleConfig, Song, _as_model, check_run_options, generate, song_seeds
+from museformer.generate import (SampleConfig, Song, _as_model, check_run_options, decoding_precision, generate,
+                                 song_seeds)
 from museformer.vocab import EOS_ID
 
 
@@ -131,6 +132,7 @@ def generate_to_folder(
     form=None,
     form_file: str | os.PathLike | None = None,
     candidates: int = 8,
+    precision: str = "fp32",
 ) -> list[dict[str, Any]]:
     """What ``museformer generate`` does: generate songs and write them with their sidecars.
 
@@ -142,7 +144,8 @@ def generate_to_folder(
     with neither, the default bundled model. ``config`` is used as given (the CLI applies a bundled
     model's recommended length itself). With ``form`` (plan text or dict) or ``form_file`` (JSON)
     songs follow a form plan (``museformer.form``; the sidecar records it) and ``render`` also
-    draws ``song_NNN_form.png``, the plan next to the achieved bar similarity. Returns the sidecars.
+    draws ``song_NNN_form.png``, the plan next to the achieved bar similarity. ``precision``: fp32,
+    bf16 or auto (``generate.decoding_precision``; the sidecar records what was used). Returns the sidecars.
     """
     import platform
 
@@ -165,13 +168,14 @@ def generate_to_folder(
         raise MuseformerError(f"--device must be cpu or cuda, got {device!r}")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise MuseformerError("--device cuda: no CUDA GPU is available to this PyTorch")
+    precision = decoding_precision(precision, device)
     model, tokenizer, directory = _as_model(model, None, checkpoint, device)
     if config.seed is None:  # fix the seed now so the sidecars can name it
         config = dataclasses.replace(config, seed=song_seeds(config, 1)[0])
     with _progress_bar(progress, num_songs, config, tokenizer.vocab.bar_id) as on_event:
         songs = generate(model=model, tokenizer=tokenizer, num_songs=num_songs, prompt=prompt,
                          prompt_bars=prompt_bars, config=config, batch_size=batch_size, device=device,
-                         progress=on_event, form=plan, candidates=candidates)
+                         progress=on_event, form=plan, candidates=candidates, precision=precision)
     out = Path(out_dir)
     first = next_song_number(out)
     metadata = {
@@ -185,6 +189,7 @@ def generate_to_folder(
         "prompt_sha256": None if prompt is None else file_sha256(prompt),
         "prompt_bars": prompt_bars,
         "device": str(device),
+        "precision": precision,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         **({"form": plan.to_dict(), "candidates": candidates} if plan is not None else {}),
