@@ -6,7 +6,8 @@ prepared corpus, and reports
 - the corpus's bar-similarity curve (train split, songs weigh the same) and its two most similar
   intervals (among those at least 10% of the songs reach, as ``museformer analyze``);
 - the samples' mean bar similarity at those intervals, as a share of the corpus's (goal >= 70%);
-- the similarity error of the samples against the held-out songs (valid + test) over 1..N;
+- the similarity error of the samples against the held-out songs (``--held-out``: valid + test by
+  default) over 1..N;
 - decodability (tokens the decoder skipped, from the sidecars), bars per song, how songs ended;
 - tempo changes per song in the samples and in the corpus;
 - with ``--figure PNG``: one sample's self-similarity matrix next to a corpus song's.
@@ -51,6 +52,9 @@ def main() -> None:
     ap.add_argument("--figure", default=None)
     ap.add_argument("--sample-index", type=int, default=0, help="which sample the figure shows")
     ap.add_argument("--corpus-song", default=None, help="name of the corpus song the figure shows")
+    ap.add_argument("--held-out", default="valid,test",
+                    help="the splits the similarity error compares against (default valid,test; "
+                    "use test alone when sampling settings were chosen on valid)")
     ap.add_argument("-o", "--output", default=None)
     args = ap.parse_args()
     data, samples = Path(args.data), Path(args.samples)
@@ -59,7 +63,8 @@ def main() -> None:
     n = args.max_interval
 
     train = corpus_songs(data, ("train",))
-    held = corpus_songs(data, ("valid", "test"))
+    held_splits = tuple(x for x in args.held_out.split(",") if x)
+    held = corpus_songs(data, held_splits)
     train_notes = [metrics.notes_from_ids(ids, vocab) for _, ids in train]
     train_stats = metrics.combine((metrics.song_interval_stats(s, n) for s in train_notes), n)
     corpus_curve = train_stats.curve
@@ -84,6 +89,7 @@ def main() -> None:
     mean_share = float(np.mean([sample_curve[k - 1] for k in top2]) / np.mean([corpus_curve[k - 1] for k in top2]))
     report = {
         "samples": len(sidecars), "corpus_train_songs": len(train), "held_out_songs": len(held),
+        "held_out_splits": list(held_splits),
         "corpus_top_intervals": ranked, "top2": top2,
         "corpus_at_top2": {int(k): float(corpus_curve[k - 1]) for k in top2},
         "samples_at_top2": {int(k): float(sample_curve[k - 1]) for k in top2},

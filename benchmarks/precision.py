@@ -24,12 +24,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from machine import describe, header
+
 from museformer.checkpoint import load
 from museformer.data import Corpus
 from museformer.evaluate import corpus_nll
-from museformer.generate import SampleConfig, build_grammar, bundled_checkpoint, decoding_model, stream
+from museformer.generate import (
+    SampleConfig,
+    build_grammar,
+    bundled_checkpoint,
+    decoding_model,
+    stream,
+)
 
 
 def sampling_rate(model, tokenizer, batch: int, tokens: int) -> float:

@@ -19,8 +19,15 @@ from typing import Any
 import torch
 
 from museformer.errors import MuseformerError, ParameterError
-from museformer.generate import (SampleConfig, Song, _as_model, check_run_options, decoding_precision, generate,
-                                 song_seeds)
+from museformer.generate import (
+    SampleConfig,
+    Song,
+    _as_model,
+    check_run_options,
+    decoding_precision,
+    generate,
+    song_seeds,
+)
 from museformer.vocab import EOS_ID
 
 
@@ -77,7 +84,12 @@ def save_song(song: Song, out_dir: str | os.PathLike, name: str | None = None, *
     Returns:
         the sidecar dict that was written.
     """
-    from museformer.files import midi_bytes, write_bytes_atomic, write_bytes_new, write_text_atomic
+    from museformer.files import (
+        midi_bytes,
+        write_bytes_atomic,
+        write_bytes_new,
+        write_text_atomic,
+    )
 
     out = Path(out_dir)
     data = midi_bytes(song.score)
