@@ -445,3 +445,32 @@ def test_without_the_extra_the_command_says_what_to_install(monkeypatch, capsys,
     monkeypatch.setattr(app, "Starlette", None)
     assert main(["studio", "-o", str(tmp_path / "songs")]) == 1
     assert "pip install 'museformer[studio]'" in capsys.readouterr().err
+
+
+def test_a_models_recommended_sampling_is_what_the_page_shows_and_a_request_gets(tiny_checkpoint, tmp_path):
+    """A checkpoint whose sample.json recommends top_k 0 and temperature 0.9: /api/info lists them for
+    that model (the page fills its fields from them), and a request that leaves them out gets them;
+    a request that sets them keeps its own."""
+    import json
+    import shutil
+
+    from museformer.studio.settings import parse_generate_request
+
+    recommending = tmp_path / "recommending"
+    shutil.copytree(tiny_checkpoint, recommending)
+    (recommending / "sample.json").write_text(json.dumps({"max_bars": 64, "top_k": 0, "temperature": 0.9}))
+    models = available_models([tiny_checkpoint, recommending])
+    studio = Studio(models, tmp_path / "songs")
+    try:
+        with TestClient(create_app(studio)) as client:
+            listed = {m["id"]: m["sampling"] for m in client.get("/api/info").json()["models"]}
+    finally:
+        studio.close()
+    assert listed["tiny"] == {"top_k": 8, "temperature": 1.0, "top_p": 1.0}
+    assert listed["recommending"] == {"top_k": 0, "temperature": 0.9, "top_p": 1.0}
+    plain = parse_generate_request({"model": "recommending"}, models, studio.tokenizer_of).config
+    assert (plain.top_k, plain.temperature, plain.max_bars) == (0, 0.9, 8)  # the page's bars, not 64
+    chosen = parse_generate_request({"model": "recommending", "top_k": 5, "temperature": 1.2}, models,
+                                    studio.tokenizer_of).config
+    assert (chosen.top_k, chosen.temperature) == (5, 1.2)
+    assert parse_generate_request({"model": "tiny"}, models, studio.tokenizer_of).config.top_k == 8

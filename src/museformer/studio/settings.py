@@ -33,6 +33,7 @@ MAX_TEMPERATURE = 10.0  # beyond this every token is nearly equally likely: nois
 FORM_PATTERN = re.compile(r"^\s*([A-Za-z]'*\d+)(\s+[A-Za-z]'*\d+)*\s*$")  # "A8 A8 B8 A'8"
 
 # the request fields the page sends; anything else is refused (a typo must not be ignored silently)
+SAMPLING_FIELDS = ("top_k", "temperature", "top_p")  # the sampling options a model may recommend
 FIELDS = ("model", "bars", "num_songs", "instruments", "tempo", "temperature", "top_k", "top_p", "seed",
           "prompt", "prompt_name", "prompt_bars", "form")
 
@@ -56,8 +57,19 @@ class ModelChoice:
     path: Path
     bundled: bool
 
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The model's sampling defaults: its ``sample.json``'s ``top_k`` / ``temperature`` / ``top_p``
+        where it names them, else ``SampleConfig``'s (what the page shows and a request without them gets)."""
+        from museformer.bundled import sample_defaults
+
+        d = SampleConfig()
+        given = sample_defaults(self.path)
+        return {k: given.get(k, getattr(d, k)) for k in SAMPLING_FIELDS}
+
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "label": self.label, "path": str(self.path), "bundled": self.bundled}
+        return {"id": self.id, "label": self.label, "path": str(self.path), "bundled": self.bundled,
+                "sampling": self.sampling}
 
 
 def bundled_models() -> list[ModelChoice]:
@@ -230,9 +242,10 @@ def parse_generate_request(body: Any, models: list[ModelChoice], tokenizer_of) -
     if model_id not in by_id:
         raise ParameterError("model", f"{model_id!r} is not one of {', '.join(by_id)}")
     model = by_id[model_id]
+    recommended = model.sampling
     bars = _integer(body, "bars", 1, MAX_BARS, 8)
     num_songs = _integer(body, "num_songs", 1, MAX_SONGS, 1)
-    temperature = _number(body, "temperature", 1.0)
+    temperature = _number(body, "temperature", recommended["temperature"])
     if temperature > MAX_TEMPERATURE:
         raise ParameterError("temperature", f"must be between 0 and {MAX_TEMPERATURE:g}, got {temperature:g}")
     form = body.get("form") or None
@@ -249,8 +262,8 @@ def parse_generate_request(body: Any, models: list[ModelChoice], tokenizer_of) -
         form = " ".join(form.split())
     options = dict(
         temperature=temperature,
-        top_k=_integer(body, "top_k", 0, 100_000, SampleConfig.top_k),
-        top_p=_number(body, "top_p", 1.0),
+        top_k=_integer(body, "top_k", 0, 100_000, recommended["top_k"]),
+        top_p=_number(body, "top_p", recommended["top_p"]),
         seed=_integer(body, "seed", 0, 2**31 - 1, optional=True),
         max_bars=bars,
         instruments=_instruments(body.get("instruments")),

@@ -41,8 +41,17 @@ function fillModels(info) {
     select.appendChild(o);
   }
   select.value = info.defaults.model;
-  select.addEventListener("change", () => fillInstruments(info));
+  select.addEventListener("change", () => { fillInstruments(info); fillSampling(info); });
   fillInstruments(info);
+  fillSampling(info);
+}
+
+function fillSampling(info) {  // the chosen model's recommended top-k / temperature / top-p
+  const model = info.models.find((m) => m.id === $("model").value) || info.models[0];
+  const sampling = model.sampling || info.defaults;
+  for (const name of ["top_k", "temperature", "top_p"]) {
+    if ($(name) && sampling[name] !== undefined) $(name).value = sampling[name];
+  }
 }
 
 function fillInstruments(info) {
