@@ -22,7 +22,7 @@ from typing import Any
 from museformer.errors import MuseformerError
 
 BUNDLED_MODELS = ("folk", "chorales")
-DEFAULT_MODEL = "chorales"  # the one whose samples show the clearest form (docs/pretrained.md)
+DEFAULT_MODEL = "folk"  # the one whose samples show the clearest form (docs/pretrained.md)
 SAMPLE_DEFAULTS_FILE = "sample.json"
 SAMPLE_DEFAULT_KEYS = ("max_bars", "min_tokens", "max_tokens", "top_k", "temperature", "top_p")
 
