@@ -6,7 +6,8 @@ with the same songs and seeds for both precisions in one run:
 
 1. perplexity of ``--songs`` test songs (evenly spread over the split, cut to ``--max-len``), and
    the relative difference (the goal: within 1% of float32);
-2. tokens/s of real sampling (grammar on, top-k 8, EOS forbidden) for one song and for a batch.
+2. tokens/s of real sampling (grammar on, top-k 8, EOS forbidden; ``benchmarks/generate.py``'s
+   ``sampling_rate``) for one song and for a batch.
 
 On a CPU without native bf16 (AVX2 only) bf16 products are emulated, so (2) shows bf16 slower
 there; ``museformer generate --precision auto`` therefore picks bf16 only where the hardware has it.
@@ -24,27 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from generate import sampling_rate  # benchmarks/generate.py's
 from machine import describe, header
 
 from museformer.checkpoint import load
 from museformer.data import Corpus
 from museformer.evaluate import corpus_nll
-from museformer.generate import (
-    SampleConfig,
-    build_grammar,
-    bundled_checkpoint,
-    decoding_model,
-    stream,
-)
-
-
-def sampling_rate(model, tokenizer, batch: int, tokens: int) -> float:
-    """Tokens per second of ``batch`` songs of ``tokens`` tokens sampled together from BOS."""
-    config = SampleConfig(seed=0, max_tokens=tokens, min_tokens=tokens)
-    grammar = build_grammar(tokenizer, config)
-    start = time.perf_counter()
-    n = sum(1 for _ in stream(model, [[] for _ in range(batch)], config, seeds=list(range(batch)), grammar=grammar))
-    return n / (time.perf_counter() - start)
+from museformer.generate import bundled_checkpoint, decoding_model
 
 
 def main() -> None:

@@ -543,7 +543,7 @@ def _analyze(args) -> int:
 # generate
 # ---------------------------------------------------------------------------------------------
 def add_generate(sub) -> None:
-    from museformer.generate import SampleConfig
+    from museformer.generate import PRECISIONS, SampleConfig
     from museformer.songs import generate_to_folder
 
     d = SampleConfig()
@@ -597,7 +597,7 @@ def add_generate(sub) -> None:
     p.add_argument("--render", action="store_true", help="also write a piano-roll PNG and a WAV per song")
     p.add_argument("--soundfont", metavar="SF2", help="General MIDI soundfont for --render")
     add_device(p)
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="bf16: weights, activations and cache in bfloat16; auto (default): bf16 where the hardware "
                    "computes it natively (CUDA, CPUs with AMX or AVX512-BF16), else fp32 (docs/generation.md)")
     p.add_argument("--threads", type=int, metavar="N",

@@ -24,6 +24,7 @@ from museformer.generate import (
     Song,
     _as_model,
     check_run_options,
+    decoding_model,
     decoding_precision,
     generate,
     song_seeds,
@@ -182,6 +183,7 @@ def generate_to_folder(
         raise MuseformerError("--device cuda: no CUDA GPU is available to this PyTorch")
     precision = decoding_precision(precision, device)
     model, tokenizer, directory = _as_model(model, None, checkpoint, device)
+    model = decoding_model(model, precision, owned=True)  # loaded here: cast in place, not copied
     if config.seed is None:  # fix the seed now so the sidecars can name it
         config = dataclasses.replace(config, seed=song_seeds(config, 1)[0])
     with _progress_bar(progress, num_songs, config, tokenizer.vocab.bar_id) as on_event:

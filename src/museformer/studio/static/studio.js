@@ -46,16 +46,17 @@ function fillModels(info) {
   fillSampling(info);
 }
 
+const chosenModel = (info) => info.models.find((m) => m.id === $("model").value) || info.models[0];
+
 function fillSampling(info) {  // the chosen model's recommended top-k / temperature / top-p
-  const model = info.models.find((m) => m.id === $("model").value) || info.models[0];
-  const sampling = model.sampling || info.defaults;
+  const sampling = chosenModel(info).sampling || info.defaults;
   for (const name of ["top_k", "temperature", "top_p"]) {
     if ($(name) && sampling[name] !== undefined) $(name).value = sampling[name];
   }
 }
 
 function fillInstruments(info) {
-  const model = info.models.find((m) => m.id === $("model").value) || info.models[0];
+  const model = chosenModel(info);
   const box = $("instruments");
   box.textContent = "";
   const programs = model.instruments || [];
